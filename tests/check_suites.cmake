@@ -1,0 +1,12 @@
+# Fails when the test binary holds a doctest suite that tests/CMakeLists.txt does not run.
+execute_process(COMMAND ${EXE} --list-test-suites --no-intro OUTPUT_VARIABLE out RESULT_VARIABLE rc)
+if(NOT rc EQUAL 0)
+  message(FATAL_ERROR "listing suites failed: ${out}")
+endif()
+string(REGEX MATCHALL "\n[a-z_]+" found "\n${out}")
+foreach(s IN LISTS found)
+  string(STRIP "${s}" s)
+  if(s AND NOT s IN_LIST SUITES)
+    message(FATAL_ERROR "suite '${s}' is in the binary but not in SHADOWKV_CPU_TEST_SUITES")
+  endif()
+endforeach()
