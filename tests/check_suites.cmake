@@ -1,4 +1,5 @@
 # Fails when the test binary holds a doctest suite that tests/CMakeLists.txt does not run.
+cmake_minimum_required(VERSION 3.24)  # a -P script starts with no policies set: IN_LIST needs them
 execute_process(COMMAND ${EXE} --list-test-suites --no-intro OUTPUT_VARIABLE out RESULT_VARIABLE rc)
 if(NOT rc EQUAL 0)
   message(FATAL_ERROR "listing suites failed: ${out}")

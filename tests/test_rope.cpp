@@ -589,4 +589,27 @@ TEST_CASE("rope: parse_rope_scaling") {
   }
 }
 
+TEST_CASE("rope: apply_consecutive equals apply row by row") {
+  const auto seed = std::random_device{}();
+  CAPTURE(seed);
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> dist;
+  shadowkv::RopeConfig cfgs[3];
+  cfgs[1].layout = shadowkv::RopeLayout::interleaved;
+  cfgs[1].rotary_dim = 64;
+  cfgs[2].scaling = shadowkv::RopeScaling::yarn;
+  cfgs[2].factor = 4;
+  cfgs[2].original_max_position = 4096;
+  for (const auto& cfg : cfgs) {
+    const auto table = shadowkv::make_rope_table(cfg, 128);
+    const long long first = static_cast<long long>(rng() % 600000), n = 1 + static_cast<long long>(rng() % 40);
+    std::vector<float> a(n * 128), b;
+    for (auto& x : a) x = dist(rng);
+    b = a;
+    table.apply_consecutive(a.data(), n, 128, first);
+    for (long long r = 0; r < n; ++r) table.apply(b.data() + r * 128, first + r);
+    for (std::size_t i = 0; i < a.size(); ++i) CHECK(a[i] == doctest::Approx(b[i]).epsilon(1e-5).scale(1.0));
+  }
+}
+
 TEST_SUITE_END();

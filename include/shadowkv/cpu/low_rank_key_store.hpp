@@ -118,8 +118,14 @@ class LowRankKeyStore<CpuBackend, T> {
                   static_cast<index_t>(rank_) * head_dim_, b.data());
     cpu::RowMap<float> o(out, n, head_dim_);
     o.noalias() = a_rows * b;
-    if (rope)
-      for (index_t i = 0; i < n; ++i) rope->apply(out + i * head_dim_, positions[i]);
+    if (!rope) return;
+    // Runs of consecutive positions (a chunk's tokens) share one sin/cos per pair.
+    for (index_t i = 0; i < n;) {
+      index_t j = i + 1;
+      while (j < n && positions[j] == positions[j - 1] + 1) ++j;
+      rope->apply_consecutive(out + i * head_dim_, j - i, head_dim_, positions[i]);
+      i = j;
+    }
   }
 
   /// A `[size(), rank]`, row-major.

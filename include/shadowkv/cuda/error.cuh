@@ -1,0 +1,49 @@
+#pragma once
+/// \file cuda/error.cuh
+/// \brief `SHADOWKV_CUDA_CHECK(call)`: every CUDA runtime call of the library and its tests goes
+/// through it, so a failure surfaces as a `shadowkv::Error` naming the call, the place and the
+/// CUDA error, instead of a status code nobody read.
+///
+/// After a failed call the runtime's last-error slot still holds the error, and a later
+/// `cudaGetLastError()` (e.g. the launch check of an unrelated kernel) would report it again;
+/// the check clears it before throwing (as Thrust's `throw_on_error` does). Errors that corrupt
+/// the context (an illegal address in a kernel) stay sticky whatever is cleared: every later
+/// call of the process fails with them.
+
+#include <cuda_runtime_api.h>
+
+#include "../core/error.hpp"
+
+namespace shadowkv::detail {
+
+/// Throws `shadowkv::Error` "<call> failed: <cudaErrorName>: <cudaGetErrorString>" at
+/// function/file/line when `status` is not `cudaSuccess`.
+inline void cuda_check(cudaError_t status, const char* call, const char* function, const char* file,
+                       int line) {
+  if (status == cudaSuccess) [[likely]]
+    return;
+  (void)cudaGetLastError();  // clear the last error so that it is reported once
+  throw_error(function, file, line, call, " failed: ", cudaGetErrorName(status), ": ",
+              cudaGetErrorString(status));
+}
+
+}  // namespace shadowkv::detail
+
+/// Checks a CUDA runtime call: `SHADOWKV_CUDA_CHECK(cudaMemcpy(dst, src, n, kind));`
+#define SHADOWKV_CUDA_CHECK(call) \
+  ::shadowkv::detail::cuda_check((call), #call, __func__, __FILE__, __LINE__)
+
+/// Checks the launch just made (`kernel<<<...>>>(...)`; `SHADOWKV_CUDA_CHECK_LAUNCH();`).
+/// Launch errors (bad configuration, no kernel image for this GPU) are reported here; errors
+/// while the kernel runs surface at the next synchronising call, or here when the build
+/// defines `SHADOWKV_DEBUG_SYNC`, which synchronises the device after every launch (debugging
+/// only: it serialises the host with the GPU).
+#if defined(SHADOWKV_DEBUG_SYNC)
+#define SHADOWKV_CUDA_CHECK_LAUNCH()                 \
+  do {                                               \
+    SHADOWKV_CUDA_CHECK(cudaGetLastError());         \
+    SHADOWKV_CUDA_CHECK(cudaDeviceSynchronize());    \
+  } while (0)
+#else
+#define SHADOWKV_CUDA_CHECK_LAUNCH() SHADOWKV_CUDA_CHECK(cudaGetLastError())
+#endif
