@@ -262,6 +262,22 @@ void bm_decode(benchmark::State& state, QueryMode mode) {
   state.counters["context"] = static_cast<double>(attn.length(0));
 }
 
+/// The ceiling the decode steps are compared with: one core streaming a 1 GiB float buffer
+/// (far larger than any cache) from memory. A decode step's floor is its bytes / this rate.
+void bm_memory_read(benchmark::State& state) {
+  const std::size_t n = std::size_t{256} << 20;  // 256 Mi floats = 1 GiB
+  std::vector<float> buf(n);
+  for (std::size_t i = 0; i < n; ++i) buf[i] = static_cast<float>(i % 1024) * 0.001f;
+  for (auto _ : state) {
+    float acc[16] = {};
+    for (std::size_t i = 0; i < n; i += 16)
+      for (int j = 0; j < 16; ++j) acc[j] += buf[i + j];
+    benchmark::DoNotOptimize(acc);
+  }
+  state.counters["read_Bps"] = benchmark::Counter(static_cast<double>(n * sizeof(float)),
+                                                  benchmark::Counter::kIsIterationInvariantRate);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -283,6 +299,7 @@ int main(int argc, char** argv) {
       {"decode/shadowkv_drift", bm_decode<ShadowKVPolicy>, QueryMode::drift, 50},
       {"decode/shadowkv_fresh", bm_decode<ShadowKVPolicy>, QueryMode::fresh, 20},
   };
+  benchmark::RegisterBenchmark("memory/read_fp32_1GiB", bm_memory_read)->Iterations(5)->Unit(benchmark::kMillisecond);
   for (const Case& c : cases)
     benchmark::RegisterBenchmark(c.name, c.fn, c.mode)
         ->ArgName("context")
