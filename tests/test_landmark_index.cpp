@@ -162,14 +162,7 @@ TEST_CASE("landmark_index: top-k equals a full sort; ties to the lower index; Na
 TEST_CASE("landmark_index: invalid arguments throw naming them") {
   std::vector<float> keys(12 * 2 * 64, 0.5f);
   LandmarkIndex<CpuBackend, float> index(2, 64, 4);
-  auto what = [](auto&& fn) -> std::string {
-    try {
-      fn();
-    } catch (const Error& e) {
-      return e.what();
-    }
-    return "(no throw)";
-  };
+  auto what = [](auto&& fn) { return skv_test::error_message(fn); };
   CHECK(what([&] { index.build(TensorView<const float, 3>(keys.data(), {10, 2, 64}), 0); })
             .find("not a multiple of chunk_size=4") != std::string::npos);
   CHECK(what([&] { index.build(TensorView<const float, 3>(keys.data(), {12, 2, 64}), 4); })

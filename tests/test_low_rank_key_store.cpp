@@ -163,14 +163,7 @@ TEST_CASE("low_rank_key_store: fewer rows than the rank") {
 }
 
 TEST_CASE("low_rank_key_store: invalid arguments throw naming them") {
-  auto what = [](auto&& fn) -> std::string {
-    try {
-      fn();
-    } catch (const Error& e) {
-      return e.what();
-    }
-    return "(no throw)";
-  };
+  auto what = [](auto&& fn) { return skv_test::error_message(fn); };
   CHECK(what([] { Store(2, 64, 129); }).find("rank=129") != std::string::npos);
   CHECK(what([] { Store(0, 64, 1); }).find("num_kv_heads=0") != std::string::npos);
   Store store(2, 64, 8);

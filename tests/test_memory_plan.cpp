@@ -90,14 +90,7 @@ TEST_CASE("memory_plan: max_batch is bounded by the tighter budget") {
 
 TEST_CASE("memory_plan: invalid arguments throw naming them") {
   const Config cfg;
-  auto what = [](auto&& fn) -> std::string {
-    try {
-      fn();
-    } catch (const Error& e) {
-      return e.what();
-    }
-    return "(no throw)";
-  };
+  auto what = [](auto&& fn) { return skv_test::error_message(fn); };
   CHECK(what([&] { plan_sequence<ShadowKVPolicy>(cfg, 32, 100, 0, DType::bf16); }).find("context_length=100") !=
         std::string::npos);
   CHECK(what([&] { plan_sequence<DensePolicy>(cfg, 0, 100, 0, DType::bf16); }).find("num_layers=0") !=

@@ -43,6 +43,17 @@ constexpr double attention_tolerance() {
   else return 4e-3;
 }
 
+/// What `fn` throws as `shadowkv::Error`, or "(no throw)".
+template <class F>
+std::string error_message(F&& fn) {
+  try {
+    fn();
+  } catch (const shadowkv::Error& e) {
+    return e.what();
+  }
+  return "(no throw)";
+}
+
 template <class T>
 std::vector<T> random_vector(std::mt19937_64& rng, std::size_t n, float scale = 1.0f) {
   std::normal_distribution<float> dist(0.0f, scale);

@@ -134,14 +134,7 @@ TEST_CASE("value_pool: capacity = selection size gives hits = overlap with the p
 
 TEST_CASE("value_pool: invalid selections throw before changing anything") {
   Pool pool = filled_pool(2, 64, 4, 10, 4);
-  auto what = [](auto&& fn) -> std::string {
-    try {
-      fn();
-    } catch (const Error& e) {
-      return e.what();
-    }
-    return "(no throw)";
-  };
+  auto what = [](auto&& fn) { return skv_test::error_message(fn); };
   fetch(pool, 0, {1, 2});
   const PoolStats before = pool.stats();
   std::vector<std::int32_t> slots(5), missed;

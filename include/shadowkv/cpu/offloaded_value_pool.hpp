@@ -30,6 +30,14 @@ struct PoolStats {
     bytes_copied += o.bytes_copied;
     return *this;
   }
+  /// The counts between two snapshots.
+  friend PoolStats operator-(PoolStats a, const PoolStats& b) {
+    a.requested -= b.requested;
+    a.hits -= b.hits;
+    a.misses -= b.misses;
+    a.bytes_copied -= b.bytes_copied;
+    return a;
+  }
 };
 
 /// Values of the landmark chunks of one layer of one sequence. Host storage is chunk-major

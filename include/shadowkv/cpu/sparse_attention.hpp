@@ -372,7 +372,9 @@ class SparseAttention<Policy, CpuBackend, T> {
     const int hkv = config_.num_kv_heads, d = config_.head_dim, c = config_.chunk_size;
     const index_t len = staged.length;
     st.length = len;
-    if constexpr (!kSparse) {
+    if constexpr (!kLowRank) {
+      // Dense and oracle: the whole prompt stays exact, head-major; the oracle reads its
+      // static set and its chunks from it.
       st.static_tokens = len;
       st.static_k.resize(hkv * len * d);
       st.static_v.resize(hkv * len * d);
@@ -380,8 +382,8 @@ class SparseAttention<Policy, CpuBackend, T> {
         copy_rows(staged.staged_k, h, 0, len, st.static_k.data() + h * len * d);
         copy_rows(staged.staged_v, h, 0, len, st.static_v.data() + h * len * d);
       }
-      return;
-    } else {
+    }
+    if constexpr (kSparse) {
       const index_t n_chunks = len / c - config_.local_chunks;  // indexed region, in chunks
       const int outliers = config_.resolved_outlier_chunks();
       const index_t indexed = n_chunks * c;
@@ -419,16 +421,6 @@ class SparseAttention<Policy, CpuBackend, T> {
           }
           copy_rows(staged.staged_k, h, indexed, len, k_dst + row * d);
           copy_rows(staged.staged_v, h, indexed, len, v_dst + row * d);
-        }
-      } else {
-        // Oracle: the whole prompt stays exact, head-major; the static set and the chunks
-        // are read from it.
-        st.static_tokens = len;
-        st.static_k.resize(hkv * len * d);
-        st.static_v.resize(hkv * len * d);
-        for (int h = 0; h < hkv; ++h) {
-          copy_rows(staged.staged_k, h, 0, len, st.static_k.data() + h * len * d);
-          copy_rows(staged.staged_v, h, 0, len, st.static_v.data() + h * len * d);
         }
       }
     }
@@ -531,11 +523,7 @@ class SparseAttention<Policy, CpuBackend, T> {
         missed.clear();
         const PoolStats before = st.values->stats();
         st.values->fetch(h, sel, slots, missed);
-        const PoolStats& after = st.values->stats();
-        step.pool.requested += after.requested - before.requested;
-        step.pool.hits += after.hits - before.hits;
-        step.pool.misses += after.misses - before.misses;
-        step.pool.bytes_copied += after.bytes_copied - before.bytes_copied;
+        step.pool += st.values->stats() - before;
         // Rebuild (A[p] * B_h, then RoPE at p) the keys of the chunks just copied.
         positions.clear();
         for (std::int32_t i : missed) {
