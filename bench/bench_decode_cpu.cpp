@@ -32,6 +32,8 @@
 
 #include <shadowkv/shadowkv.hpp>
 
+#include "../examples/synthetic_rng.hpp"
+
 namespace {
 
 using namespace shadowkv;
@@ -39,34 +41,12 @@ using T = bf16;
 
 Config llama_config() {
   Config cfg;  // 32 q heads, 8 KV heads, d 128, rank 160, chunk 8, budget 2048: the defaults
-  cfg.rope.theta = 500000.0;
-  cfg.rope.scaling = RopeScaling::llama3;
-  cfg.rope.factor = 8.0;
-  cfg.rope.original_max_position = 8192;
+  cfg.rope = llama31_rope();
   cfg.validate();
   return cfg;
 }
 
-/// SplitMix64.
-class Rng {
- public:
-  explicit Rng(std::uint64_t seed) : state_(seed) {}
-  std::uint64_t next() {
-    std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  float uniform() { return (static_cast<float>(next() >> 40) + 0.5f) * 0x1.0p-24f; }
-  float unit_uniform() { return (2.0f * uniform() - 1.0f) * 1.7320508f; }
-  float normal() {
-    const float r = std::sqrt(-2.0f * std::log(uniform()));
-    return r * std::cos(6.2831853f * uniform());
-  }
-
- private:
-  std::uint64_t state_;
-};
+using shadowkv_examples::Rng;
 
 /// Token stream of one layer: pre-RoPE keys from 96 shared latents (AR(1) over tokens,
 /// decaying scales, highest-frequency RoPE pairs damped) plus small noise, i.i.d. values, and

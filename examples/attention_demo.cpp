@@ -36,6 +36,8 @@
 #include <Eigen/Dense>
 #include <shadowkv/shadowkv.hpp>
 
+#include "synthetic_rng.hpp"
+
 namespace {
 
 using namespace shadowkv;
@@ -70,39 +72,7 @@ struct Options {
 // -------------------------------------------------------------------------------------------
 // Synthetic data
 
-/// SplitMix64: cheap, deterministic, good enough for test data (the demo draws ~10^8 numbers).
-class Rng {
- public:
-  explicit Rng(std::uint64_t seed) : state_(seed) {}
-
-  std::uint64_t next() {
-    std::uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  /// Uniform in (0, 1).
-  float uniform() { return (static_cast<float>(next() >> 40) + 0.5f) * 0x1.0p-24f; }
-  /// Uniform with mean 0 and variance 1.
-  float unit_uniform() { return (2.0f * uniform() - 1.0f) * 1.7320508f; }
-  /// Standard normal (Box-Muller, one of the pair cached).
-  float normal() {
-    if (has_spare_) {
-      has_spare_ = false;
-      return spare_;
-    }
-    const float r = std::sqrt(-2.0f * std::log(uniform()));
-    const float a = 6.2831853f * uniform();
-    spare_ = r * std::sin(a);
-    has_spare_ = true;
-    return r * std::cos(a);
-  }
-
- private:
-  std::uint64_t state_;
-  float spare_ = 0.0f;
-  bool has_spare_ = false;
-};
+using shadowkv_examples::Rng;
 
 /// Knobs of the synthetic model (fixed; printed by the demo).
 struct SyntheticKnobs {
@@ -517,13 +487,7 @@ int run(const Options& o) {
   cfg.outlier_chunks = o.outliers == "auto" ? kAutoOutlierChunks : std::stoi(o.outliers);
   cfg.local_chunks = o.local_chunks;
   cfg.value_cache_chunks = o.value_cache;
-  // Llama 3.1 RoPE.
-  cfg.rope.theta = 500000.0;
-  cfg.rope.scaling = RopeScaling::llama3;
-  cfg.rope.factor = 8.0;
-  cfg.rope.low_freq_factor = 1.0;
-  cfg.rope.high_freq_factor = 4.0;
-  cfg.rope.original_max_position = 8192;
+  cfg.rope = llama31_rope();
   cfg.validate();
   // Validates the context against the static set before anything is generated.
   const MemoryPlan shadow_plan = plan_sequence<ShadowKVPolicy>(cfg, o.layers, o.context, o.steps, dtype_of<T>());

@@ -67,6 +67,16 @@ TEST_CASE("config: every invalid field is named with its value") {
   }
 }
 
+TEST_CASE("config: the Llama 3.1 RoPE preset is valid and is Llama 3.1's") {
+  Config cfg;
+  cfg.rope = llama31_rope();
+  CHECK_NOTHROW(cfg.validate());
+  CHECK(cfg.rope.theta == 500000.0);
+  CHECK(cfg.rope.scaling == RopeScaling::llama3);
+  CHECK(cfg.rope.factor == 8.0);
+  CHECK(cfg.rope.original_max_position == 8192);
+}
+
 TEST_CASE("config: accepted edges") {
   Config cfg;
   cfg.num_q_heads = cfg.num_kv_heads = 8;  // G = 1

@@ -196,6 +196,19 @@ struct RopeTable {
   }
 };
 
+/// Llama 3.1 / 3.2 / 3.3 (config.json: rope_theta 500000, rope_scaling llama3, factor 8,
+/// low_freq_factor 1, high_freq_factor 4, original_max_position_embeddings 8192).
+inline RopeConfig llama31_rope() {
+  RopeConfig cfg;
+  cfg.theta = 500000.0;
+  cfg.scaling = RopeScaling::llama3;
+  cfg.factor = 8.0;
+  cfg.low_freq_factor = 1.0;
+  cfg.high_freq_factor = 4.0;
+  cfg.original_max_position = 8192;
+  return cfg;
+}
+
 namespace detail {
 
 /// HF `_compute_yarn_parameters`: the fractional dimension index at which a frequency makes
