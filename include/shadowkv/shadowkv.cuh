@@ -1,8 +1,9 @@
 #pragma once
 /// \file shadowkv.cuh
-/// \brief Umbrella header for CUDA users (compile with nvcc, link `shadowkv::cuda`): everything
-/// `shadowkv.hpp` has, plus the CUDA backend.
+/// \brief Umbrella header for CUDA users: everything in shadowkv.hpp plus the CUDA backend.
 
 #include "shadowkv.hpp"
-
+#include "cuda/dispatch.cuh"
 #include "cuda/error.cuh"
+#include "cuda/memory.cuh"
+#include "cuda/types.cuh"

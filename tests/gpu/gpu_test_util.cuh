@@ -1,0 +1,71 @@
+#pragma once
+// What the GPU tests share: the skip check for machines without a GPU, and a device buffer
+// with upload, download and NaN poisoning.
+
+#include <algorithm>
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include <shadowkv/shadowkv.cuh>
+
+#include "../test_util.hpp"
+
+namespace skv_gpu_test {
+
+/// True when a CUDA device can run the kernels; otherwise prints why the test case is skipped.
+bool cuda_device_available() {
+  int count = 0;
+  const cudaError_t status = cudaGetDeviceCount(&count);
+  std::string why;
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();
+    why = std::string(cudaGetErrorName(status)) + ": " + cudaGetErrorString(status);
+  } else if (count == 0) {
+    why = "cudaGetDeviceCount reported 0 devices";
+  }
+  if (why.empty()) return true;
+  MESSAGE("SKIPPED: no CUDA device (", why, ")");
+  return false;
+}
+
+/// A device buffer of `n` T, freed on scope exit (frees are unchecked: a destructor must not
+/// throw, and a failed free leaves nothing to recover).
+template <class T>
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(std::size_t n) : size_(n) {
+    SHADOWKV_CUDA_CHECK(cudaMalloc(&ptr_, std::max<std::size_t>(n, 1) * sizeof(T)));
+  }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  ~DeviceBuffer() { (void)cudaFree(ptr_); }
+
+  T* get() const { return ptr_; }
+  std::size_t size() const { return size_; }
+
+  void upload(const std::vector<T>& h) {
+    REQUIRE(h.size() == size_);
+    SHADOWKV_CUDA_CHECK(cudaMemcpy(ptr_, h.data(), size_ * sizeof(T), cudaMemcpyHostToDevice));
+  }
+  std::vector<T> download() const {
+    std::vector<T> h(size_);
+    SHADOWKV_CUDA_CHECK(cudaMemcpy(h.data(), ptr_, size_ * sizeof(T), cudaMemcpyDeviceToHost));
+    return h;
+  }
+  /// Fills with quiet NaNs, so an element the kernel fails to write cannot pass a comparison.
+  void poison() { SHADOWKV_CUDA_CHECK(cudaMemset(ptr_, 0xff, size_ * sizeof(T))); }
+
+ private:
+  T* ptr_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+}  // namespace skv_gpu_test
+
+/// First statement of every GPU test case: returns (the case then passes, and ctest reports
+/// the test as skipped) when no CUDA device is usable.
+#define SKV_REQUIRE_GPU()                                   \
+  do {                                                      \
+    if (!::skv_gpu_test::cuda_device_available()) return;   \
+  } while (0)
