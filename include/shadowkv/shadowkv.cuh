@@ -7,3 +7,4 @@
 #include "cuda/error.cuh"
 #include "cuda/memory.cuh"
 #include "cuda/types.cuh"
+#include "cuda/decode_attention.cuh"

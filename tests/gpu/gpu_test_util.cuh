@@ -14,7 +14,7 @@
 namespace skv_gpu_test {
 
 /// True when a CUDA device can run the kernels; otherwise prints why the test case is skipped.
-bool cuda_device_available() {
+inline bool cuda_device_available() {
   int count = 0;
   const cudaError_t status = cudaGetDeviceCount(&count);
   std::string why;

@@ -1,0 +1,232 @@
+// The split-K decode attention kernel against the CPU backend's attention (cpu::SegmentAttention)
+// on fresh random inputs: ragged batches, every head dim, G from 1 to 16, all three segment kinds,
+// empty segments, and sizes that need many splits.
+
+#include <numeric>
+
+#include <shadowkv/cpu/attention.hpp>
+
+#include "gpu_test_util.cuh"
+
+using namespace shadowkv;
+namespace skc = shadowkv::cuda;  // libcu++ (pulled in by CUB) has a global ::cuda too
+using skv_gpu_test::DeviceBuffer;
+
+TEST_SUITE_BEGIN("gpu_decode_attention");
+
+namespace {
+
+/// One (sequence, KV head)'s rows on the host, as offsets into one arena of T.
+struct HostSegments {
+  std::size_t static_off = 0;
+  int static_rows = 0;
+  std::size_t slot_off = 0;  // [capacity, c, d] keys; values at + arena half
+  std::vector<int> slots;
+  std::size_t gen_off = 0;   // token-major [gen_rows, H_kv, d]: this head's row i at gen_off + i*stride
+  int gen_rows = 0;
+};
+
+template <class T>
+struct Problem {
+  int batch, hq, hkv, d, c;
+  std::vector<T> k_arena, v_arena;  // keys and values at the same offsets
+  std::vector<HostSegments> segs;   // [batch * hkv]
+  std::vector<float> q;             // [batch, hq, d]
+  long long max_rows = 0;
+};
+
+template <class T>
+Problem<T> make_problem(std::mt19937_64& rng, int batch, int hq, int hkv, int d, int max_static, int max_gen,
+                        int max_selected) {
+  Problem<T> p{batch, hq, hkv, d, 1 + static_cast<int>(rng() % 8), {}, {}, {}, {}, 0};
+  auto reserve = [&](std::size_t n) {
+    const std::size_t off = p.k_arena.size();
+    const auto k = skv_test::random_vector<T>(rng, n), v = skv_test::random_vector<T>(rng, n);
+    p.k_arena.insert(p.k_arena.end(), k.begin(), k.end());
+    p.v_arena.insert(p.v_arena.end(), v.begin(), v.end());
+    // Keep every segment 16-byte aligned, as device allocations are.
+    const std::size_t pad = (16 / sizeof(T) - p.k_arena.size() % (16 / sizeof(T))) % (16 / sizeof(T));
+    p.k_arena.resize(p.k_arena.size() + pad);
+    p.v_arena.resize(p.v_arena.size() + pad);
+    return off;
+  };
+  for (int b = 0; b < batch; ++b) {
+    const int gen_rows = max_gen ? static_cast<int>(rng() % (max_gen + 1)) : 0;
+    const std::size_t gen_off = reserve(static_cast<std::size_t>(gen_rows) * hkv * d);
+    const int capacity = max_selected + static_cast<int>(rng() % 4);
+    for (int h = 0; h < hkv; ++h) {
+      HostSegments s;
+      s.static_rows = max_static ? static_cast<int>(rng() % (max_static + 1)) : 0;
+      s.static_off = reserve(static_cast<std::size_t>(s.static_rows) * d);
+      s.slot_off = reserve(static_cast<std::size_t>(capacity) * p.c * d);
+      std::vector<int> all(capacity);
+      std::iota(all.begin(), all.end(), 0);
+      std::shuffle(all.begin(), all.end(), rng);
+      const int k = max_selected ? static_cast<int>(rng() % (max_selected + 1)) : 0;
+      s.slots.assign(all.begin(), all.begin() + k);
+      s.gen_off = gen_off + static_cast<std::size_t>(h) * d;
+      s.gen_rows = gen_rows;
+      p.max_rows = std::max<long long>(p.max_rows, s.static_rows + static_cast<long long>(k) * p.c + gen_rows);
+      p.segs.push_back(s);
+    }
+  }
+  p.q = skv_test::random_vector<float>(rng, static_cast<std::size_t>(batch) * hq * d);
+  return p;
+}
+
+/// The CPU backend's attention over the same rows, rounded to T.
+template <class T>
+std::vector<T> reference(const Problem<T>& p, float scale) {
+  std::vector<T> out(static_cast<std::size_t>(p.batch) * p.hq * p.d);
+  const int g = p.hq / p.hkv;
+  cpu::SegmentAttention<T> attn;
+  std::vector<float> o(static_cast<std::size_t>(g) * p.d);
+  for (int b = 0; b < p.batch; ++b)
+    for (int h = 0; h < p.hkv; ++h) {
+      const HostSegments& s = p.segs[b * p.hkv + h];
+      attn.begin(p.q.data() + (static_cast<std::size_t>(b) * p.hq + h * g) * p.d, g, p.d, scale);
+      attn.add(p.k_arena.data() + s.static_off, p.v_arena.data() + s.static_off, s.static_rows);
+      for (int slot : s.slots) {
+        const std::size_t off = s.slot_off + static_cast<std::size_t>(slot) * p.c * p.d;
+        attn.add(p.k_arena.data() + off, p.v_arena.data() + off, p.c);
+      }
+      for (int i = 0; i < s.gen_rows; ++i) {
+        const std::size_t off = s.gen_off + static_cast<std::size_t>(i) * p.hkv * p.d;
+        attn.add(p.k_arena.data() + off, p.v_arena.data() + off, 1);
+      }
+      attn.finish(o.data());
+      for (std::size_t i = 0; i < o.size(); ++i)
+        out[(static_cast<std::size_t>(b) * p.hq + h * g) * p.d + i] = static_cast<T>(o[i]);
+    }
+  return out;
+}
+
+template <class T>
+std::vector<T> run_gpu(const Problem<T>& p, float scale) {
+  using D = skc::device_t<T>;
+  DeviceBuffer<T> k(p.k_arena.size()), v(p.v_arena.size());
+  k.upload(p.k_arena);
+  v.upload(p.v_arena);
+  std::vector<int> slot_ids;
+  std::vector<std::size_t> slot_first;
+  for (const auto& s : p.segs) {
+    slot_first.push_back(slot_ids.size());
+    slot_ids.insert(slot_ids.end(), s.slots.begin(), s.slots.end());
+  }
+  DeviceBuffer<int> slots(std::max<std::size_t>(slot_ids.size(), 1));
+  if (!slot_ids.empty()) {
+    slot_ids.resize(slots.size());
+    slots.upload(slot_ids);
+  }
+  const D* kd = skc::as_device(k.get());
+  const D* vd = skc::as_device(v.get());
+  std::vector<skc::KVSegments<D>> segs;
+  for (std::size_t i = 0; i < p.segs.size(); ++i) {
+    const HostSegments& s = p.segs[i];
+    skc::KVSegments<D> g;
+    g.static_k = kd + s.static_off;
+    g.static_v = vd + s.static_off;
+    g.static_rows = s.static_rows;
+    g.slot_k = kd + s.slot_off;
+    g.slot_v = vd + s.slot_off;
+    g.slots = slots.get() + slot_first[i];
+    g.num_slots = static_cast<int>(s.slots.size());
+    g.chunk_size = p.c;
+    g.gen_k = kd + s.gen_off;
+    g.gen_v = vd + s.gen_off;
+    g.gen_rows = s.gen_rows;
+    g.gen_stride = static_cast<long long>(p.hkv) * p.d;
+    segs.push_back(g);
+  }
+  DeviceBuffer<skc::KVSegments<D>> d_segs(segs.size());
+  d_segs.upload(segs);
+  DeviceBuffer<float> q(p.q.size());
+  q.upload(p.q);
+  DeviceBuffer<T> out(static_cast<std::size_t>(p.batch) * p.hq * p.d);
+  out.poison();
+  const auto plan = skc::plan_decode_attention(p.batch, p.hq, p.hkv, p.d, p.max_rows);
+  DeviceBuffer<unsigned char> ws(plan.workspace_bytes);
+  cudaStream_t stream;
+  SHADOWKV_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  skc::decode_attention<D>(q.get(), d_segs.get(), skc::as_device(out.get()), p.batch, p.hq, p.hkv, p.d, scale,
+                            p.max_rows, plan, ws.get(), ws.size(), stream);
+  SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+  SHADOWKV_CUDA_CHECK(cudaStreamDestroy(stream));
+  return out.download();
+}
+
+template <class T>
+void check_case(std::uint64_t seed, int batch, int hq, int hkv, int d, int max_static, int max_gen, int max_selected) {
+  CAPTURE(seed);
+  CAPTURE(batch);
+  CAPTURE(hq);
+  CAPTURE(hkv);
+  CAPTURE(d);
+  CAPTURE(dtype_name<T>());
+  std::mt19937_64 rng(seed);
+  const Problem<T> p = make_problem<T>(rng, batch, hq, hkv, d, max_static, max_gen, max_selected);
+  CAPTURE(p.max_rows);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  const std::vector<T> want = reference(p, scale), got = run_gpu(p, scale);
+  // Per query head: relative norm error against the CPU result, both rounded to T.
+  const double tol = std::is_same_v<T, float> ? 1e-5 : (std::is_same_v<T, bf16> ? 1e-2 : 2e-3);
+  for (std::size_t h = 0; h < want.size() / d; ++h) {
+    std::vector<double> a(d), b(d);
+    for (int x = 0; x < d; ++x) {
+      a[x] = static_cast<float>(got[h * d + x]);
+      b[x] = static_cast<float>(want[h * d + x]);
+    }
+    CAPTURE(h);
+    CHECK(skv_test::rel_error(a, b, 1e-3) < tol);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("gpu_decode_attention: random ragged batches, every head dim, G from 1 to 16") {
+  SKV_REQUIRE_GPU();
+  const auto base = skv_test::test_seed();
+  const int dims[] = {64, 96, 128, 256};
+  const int shapes[][2] = {{8, 8}, {8, 2}, {32, 8}, {12, 2}, {16, 1}, {28, 4}};  // (H_q, H_kv)
+  int trial = 0;
+  for (int d : dims)
+    for (const auto& s : shapes) {
+      const auto seed = base + trial++;
+      check_case<float>(seed, 3, s[0], s[1], d, 300, 20, 12);
+      check_case<bf16>(seed, 3, s[0], s[1], d, 300, 20, 12);
+      check_case<fp16>(seed, 2, s[0], s[1], d, 300, 20, 12);
+    }
+}
+
+TEST_CASE("gpu_decode_attention: empty segments and a sequence with no rows") {
+  SKV_REQUIRE_GPU();
+  const auto seed = skv_test::test_seed();
+  check_case<float>(seed, 4, 8, 2, 128, 0, 5, 0);   // generated rows only
+  check_case<float>(seed, 4, 8, 2, 128, 0, 0, 6);   // selected chunks only
+  check_case<bf16>(seed, 5, 4, 4, 64, 3, 1, 1);     // tiny, often all-empty (writes zeros)
+}
+
+TEST_CASE("gpu_decode_attention: long rows need many splits (dense-like)") {
+  SKV_REQUIRE_GPU();
+  const auto seed = skv_test::test_seed();
+  check_case<bf16>(seed, 2, 32, 8, 128, 40000, 300, 0);
+  check_case<float>(seed, 1, 8, 1, 256, 70000, 0, 0);
+  check_case<bf16>(seed, 3, 32, 8, 128, 3000, 200, 256);  // ShadowKV-like: static + 256 chunks + generated
+}
+
+TEST_CASE("gpu_decode_attention: invalid shapes throw naming them, before any CUDA call") {
+  auto what = [](auto&& fn) { return skv_test::error_message(fn); };
+  CHECK(what([] { skc::plan_decode_attention(1, 8, 2, 80, 10); }).find("head_dim=80") != std::string::npos);
+  CHECK(what([] { skc::plan_decode_attention(1, 6, 4, 128, 10); }).find("num_q_heads=6") != std::string::npos);
+  CHECK(what([] { skc::plan_decode_attention(1, 64, 2, 128, 10); }).find("exceeds 16") != std::string::npos);
+  CHECK(what([] { skc::plan_decode_attention(0, 8, 2, 128, 10); }).find("batch=0") != std::string::npos);
+  CHECK(what([] { skc::plan_decode_attention(1, 8, 2, 128, -1); }).find("max_rows=-1") != std::string::npos);
+  const auto plan = skc::plan_decode_attention(2, 8, 2, 128, 5000);
+  CHECK(plan.num_splits >= 1);
+  CHECK(plan.rows_per_split * plan.num_splits >= 5000);
+  CHECK(what([&] {
+    skc::decode_attention<float>(nullptr, nullptr, nullptr, 2, 8, 2, 128, 0.1f, 5000, plan, nullptr, 0, nullptr);
+  }).find("workspace_bytes=0") != std::string::npos);
+}
+
+TEST_SUITE_END();
