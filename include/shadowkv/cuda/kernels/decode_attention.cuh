@@ -173,35 +173,52 @@ __global__ void __launch_bounds__(kWarps * 32)
   for (; r0 < row_end; r0 += stride) {
     if (r0 + stride < row_end) load_step(r0 + stride, knext, vnext);
     bool valid[kRowsPerLane];
+    float kf[kRowsPerLane][EPL], vf[kRowsPerLane][EPL];
 #pragma unroll
-    for (int i = 0; i < kRowsPerLane; ++i) valid[i] = r0 + sub * kRowsPerLane + i < row_end;
+    for (int i = 0; i < kRowsPerLane; ++i) {
+      valid[i] = r0 + sub * kRowsPerLane + i < row_end;
 #pragma unroll
-    for (int g = 0; g < GMAX; ++g) {
-      if (g >= group) continue;
-      float s[kRowsPerLane];
-      float tile_max = -INFINITY;
+      for (int e = 0; e < EPL; ++e) {
+        // Rows past the end hold stale registers: zero them so 0 * garbage cannot be NaN.
+        kf[i][e] = valid[i] ? kcur[i].get(e) : 0.0f;
+        vf[i][e] = valid[i] ? vcur[i].get(e) : 0.0f;
+      }
+    }
+    // Every head's dot products first, then their reductions interleaved: independent
+    // shuffle chains keep the warp busy instead of waiting on one chain per head.
+    float s[GMAX][kRowsPerLane];
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g)
 #pragma unroll
       for (int i = 0; i < kRowsPerLane; ++i) {
         float dot = 0.0f;
 #pragma unroll
-        for (int e = 0; e < EPL; ++e) dot += q[g][e] * kcur[i].get(e);
-#pragma unroll
-        for (int off = TPR / 2; off > 0; off /= 2) dot += __shfl_xor_sync(0xffffffffu, dot, off);
-        s[i] = valid[i] ? dot : -INFINITY;
-        tile_max = fmaxf(tile_max, s[i]);
+        for (int e = 0; e < EPL; ++e) dot += q[g][e] * kf[i][e];
+        s[g][i] = dot;
       }
-      if (tile_max == -INFINITY) continue;  // no valid row for this sub-warp at this step
+#pragma unroll
+    for (int off = TPR / 2; off > 0; off /= 2)
+#pragma unroll
+      for (int g = 0; g < GMAX; ++g)
+#pragma unroll
+        for (int i = 0; i < kRowsPerLane; ++i) s[g][i] += __shfl_xor_sync(0xffffffffu, s[g][i], off);
+#pragma unroll
+    for (int g = 0; g < GMAX; ++g) {
+      if (g >= group) break;
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int i = 0; i < kRowsPerLane; ++i) tile_max = fmaxf(tile_max, valid[i] ? s[g][i] : -INFINITY);
       const float m_new = fmaxf(m[g], tile_max);
-      const float corr = __expf(m[g] - m_new);  // 0 when m was -inf
+      const float corr = m_new == -INFINITY ? 1.0f : __expf(m[g] - m_new);  // 0 when m was -inf
       l[g] *= corr;
 #pragma unroll
       for (int e = 0; e < EPL; ++e) acc[g][e] *= corr;
 #pragma unroll
       for (int i = 0; i < kRowsPerLane; ++i) {
-        const float pr = valid[i] ? __expf(s[i] - m_new) : 0.0f;
+        const float pr = valid[i] ? __expf(s[g][i] - m_new) : 0.0f;
         l[g] += pr;
 #pragma unroll
-        for (int e = 0; e < EPL; ++e) acc[g][e] += pr * vcur[i].get(e);
+        for (int e = 0; e < EPL; ++e) acc[g][e] += pr * vf[i][e];
       }
       m[g] = m_new;
     }
