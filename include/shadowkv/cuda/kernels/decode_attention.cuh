@@ -110,7 +110,7 @@ __device__ __forceinline__ void row_pointers(const KVSegments<D>& s, long long r
 /// scores them against the `G` query heads of the group (GQA: K and V are read once per
 /// group, not per query head). `TPR` lanes share a row, each holding `HD/TPR` elements loaded
 /// with 16-byte loads; a warp works on `32/TPR` rows side by side, `kRowsPerLane` rows per
-/// step, and loads the next step's rows before it computes the current ones. Dot products are
+/// step, and keeps the loads of the next `kAhead` steps in flight while it computes. Dot products are
 /// reduced over the `TPR` lanes with shuffles; each sub-warp keeps an online softmax per
 /// head; sub-warps merge with shuffles, warps in shared memory; the CTA writes one partial
 /// `(m, l, acc)` per query head and split.
@@ -152,8 +152,10 @@ __global__ void __launch_bounds__(kWarps * 32)
     for (int e = 0; e < EPL; ++e) acc[g][e] = 0.0f;
   }
 
-  // Rows of this lane at a step starting at r0: r0 + sub * kRowsPerLane + i.
-  Slice<D, EPL> kcur[kRowsPerLane], vcur[kRowsPerLane], knext[kRowsPerLane], vnext[kRowsPerLane];
+  // Rows of this lane at a step starting at r0: r0 + sub * kRowsPerLane + i. The loads of the
+  // next kAhead steps are in flight while a step computes (a ring of register buffers).
+  constexpr int kAhead = 2;
+  Slice<D, EPL> kb[kAhead + 1][kRowsPerLane], vb[kAhead + 1][kRowsPerLane];
   auto load_step = [&](long long r0, Slice<D, EPL>(&ks)[kRowsPerLane], Slice<D, EPL>(&vs)[kRowsPerLane]) {
 #pragma unroll
     for (int i = 0; i < kRowsPerLane; ++i) {
@@ -169,9 +171,13 @@ __global__ void __launch_bounds__(kWarps * 32)
   };
   const long long stride = static_cast<long long>(kWarps) * kRowsPerWarpStep;
   long long r0 = row_begin + static_cast<long long>(warp) * kRowsPerWarpStep;
-  if (r0 < row_end) load_step(r0, kcur, vcur);
+#pragma unroll
+  for (int a = 0; a < kAhead; ++a)
+    if (r0 + a * stride < row_end) load_step(r0 + a * stride, kb[a], vb[a]);
   for (; r0 < row_end; r0 += stride) {
-    if (r0 + stride < row_end) load_step(r0 + stride, knext, vnext);
+    if (r0 + kAhead * stride < row_end) load_step(r0 + kAhead * stride, kb[kAhead], vb[kAhead]);
+    const auto& kcur = kb[0];
+    const auto& vcur = vb[0];
     bool valid[kRowsPerLane];
     float kf[kRowsPerLane][EPL], vf[kRowsPerLane][EPL];
 #pragma unroll
@@ -223,10 +229,12 @@ __global__ void __launch_bounds__(kWarps * 32)
       m[g] = m_new;
     }
 #pragma unroll
-    for (int i = 0; i < kRowsPerLane; ++i) {
-      kcur[i] = knext[i];
-      vcur[i] = vnext[i];
-    }
+    for (int a = 0; a < kAhead; ++a)
+#pragma unroll
+      for (int i = 0; i < kRowsPerLane; ++i) {
+        kb[a][i] = kb[a + 1][i];
+        vb[a][i] = vb[a + 1][i];
+      }
   }
 
   // Merge the sub-warps of the warp (lanes sl of every sub hold the same elements).
