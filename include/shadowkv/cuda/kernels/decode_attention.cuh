@@ -163,7 +163,12 @@ __global__ void __launch_bounds__(kWarps * 32)
       if (r < row_end) {
         const D* kp;
         const D* vp;
-        row_pointers(seg, r, HD, kp, vp);
+        if (r < seg.static_rows) {  // the common case (dense: every row): no segment logic
+          kp = seg.static_k + r * HD;
+          vp = seg.static_v + r * HD;
+        } else {
+          row_pointers(seg, r, HD, kp, vp);
+        }
         ks[i].load(kp + sl * EPL);
         vs[i].load(vp + sl * EPL);
       }
@@ -178,56 +183,64 @@ __global__ void __launch_bounds__(kWarps * 32)
     if (r0 + kAhead * stride < row_end) load_step(r0 + kAhead * stride, kb[kAhead], vb[kAhead]);
     const auto& kcur = kb[0];
     const auto& vcur = vb[0];
-    bool valid[kRowsPerLane];
-    float kf[kRowsPerLane][EPL], vf[kRowsPerLane][EPL];
-#pragma unroll
-    for (int i = 0; i < kRowsPerLane; ++i) {
-      valid[i] = r0 + sub * kRowsPerLane + i < row_end;
-#pragma unroll
-      for (int e = 0; e < EPL; ++e) {
-        // Rows past the end hold stale registers: zero them so 0 * garbage cannot be NaN.
-        kf[i][e] = valid[i] ? kcur[i].get(e) : 0.0f;
-        vf[i][e] = valid[i] ? vcur[i].get(e) : 0.0f;
-      }
-    }
-    // Every head's dot products first, then their reductions interleaved: independent
-    // shuffle chains keep the warp busy instead of waiting on one chain per head.
-    float s[GMAX][kRowsPerLane];
-#pragma unroll
-    for (int g = 0; g < GMAX; ++g)
+    auto compute = [&]<bool kFull>() {
+      bool valid[kRowsPerLane];
+      float kf[kRowsPerLane][EPL], vf[kRowsPerLane][EPL];
 #pragma unroll
       for (int i = 0; i < kRowsPerLane; ++i) {
-        float dot = 0.0f;
+        valid[i] = kFull || r0 + sub * kRowsPerLane + i < row_end;
 #pragma unroll
-        for (int e = 0; e < EPL; ++e) dot += q[g][e] * kf[i][e];
-        s[g][i] = dot;
+        for (int e = 0; e < EPL; ++e) {
+          // Rows past the end hold stale registers: zero them so 0 * garbage cannot be NaN.
+          kf[i][e] = kFull || valid[i] ? kcur[i].get(e) : 0.0f;
+          vf[i][e] = kFull || valid[i] ? vcur[i].get(e) : 0.0f;
+        }
       }
-#pragma unroll
-    for (int off = TPR / 2; off > 0; off /= 2)
+      // Every head's dot products first, then their reductions interleaved: independent
+      // shuffle chains keep the warp busy instead of waiting on one chain per head.
+      float s[GMAX][kRowsPerLane];
 #pragma unroll
       for (int g = 0; g < GMAX; ++g)
 #pragma unroll
-        for (int i = 0; i < kRowsPerLane; ++i) s[g][i] += __shfl_xor_sync(0xffffffffu, s[g][i], off);
+        for (int i = 0; i < kRowsPerLane; ++i) {
+          float dot = 0.0f;
 #pragma unroll
-    for (int g = 0; g < GMAX; ++g) {
-      if (g >= group) break;
-      float tile_max = -INFINITY;
+          for (int e = 0; e < EPL; ++e) dot += q[g][e] * kf[i][e];
+          s[g][i] = dot;
+        }
 #pragma unroll
-      for (int i = 0; i < kRowsPerLane; ++i) tile_max = fmaxf(tile_max, valid[i] ? s[g][i] : -INFINITY);
-      const float m_new = fmaxf(m[g], tile_max);
-      const float corr = m_new == -INFINITY ? 1.0f : __expf(m[g] - m_new);  // 0 when m was -inf
-      l[g] *= corr;
+      for (int off = TPR / 2; off > 0; off /= 2)
 #pragma unroll
-      for (int e = 0; e < EPL; ++e) acc[g][e] *= corr;
+        for (int g = 0; g < GMAX; ++g)
 #pragma unroll
-      for (int i = 0; i < kRowsPerLane; ++i) {
-        const float pr = valid[i] ? __expf(s[g][i] - m_new) : 0.0f;
-        l[g] += pr;
+          for (int i = 0; i < kRowsPerLane; ++i) s[g][i] += __shfl_xor_sync(0xffffffffu, s[g][i], off);
 #pragma unroll
-        for (int e = 0; e < EPL; ++e) acc[g][e] += pr * vf[i][e];
+      for (int g = 0; g < GMAX; ++g) {
+        if (g >= group) break;
+        float tile_max = -INFINITY;
+#pragma unroll
+        for (int i = 0; i < kRowsPerLane; ++i) tile_max = fmaxf(tile_max, kFull || valid[i] ? s[g][i] : -INFINITY);
+        // Rescale only when the running max rises (rare after the first rows).
+        if (tile_max > m[g]) {
+          const float corr = __expf(m[g] - tile_max);  // 0 when m was -inf
+          l[g] *= corr;
+#pragma unroll
+          for (int e = 0; e < EPL; ++e) acc[g][e] *= corr;
+          m[g] = tile_max;
+        }
+#pragma unroll
+        for (int i = 0; i < kRowsPerLane; ++i) {
+          const float pr = kFull || valid[i] ? __expf(s[g][i] - m[g]) : 0.0f;
+          l[g] += pr;
+#pragma unroll
+          for (int e = 0; e < EPL; ++e) acc[g][e] += pr * vf[i][e];
+        }
       }
-      m[g] = m_new;
-    }
+    };
+    if (r0 + kRowsPerWarpStep <= row_end)
+      compute.template operator()<true>();
+    else
+      compute.template operator()<false>();
 #pragma unroll
     for (int a = 0; a < kAhead; ++a)
 #pragma unroll
