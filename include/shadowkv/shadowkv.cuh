@@ -8,3 +8,5 @@
 #include "cuda/memory.cuh"
 #include "cuda/types.cuh"
 #include "cuda/decode_attention.cuh"
+#include "cuda/miss_ops.cuh"
+#include "cuda/landmark_ops.cuh"

@@ -1,0 +1,845 @@
+#pragma once
+/// \file cuda/kernels/landmark_select.cuh
+/// \brief The decode-step landmark kernels of a ragged batch: scoring
+/// (`softmax(q · landmarksᵀ · scale)` per query head, max over the `G` query heads of each KV
+/// head) and top-k selection per (sequence, KV head). Host launchers: cuda/landmark_ops.cuh.
+///
+/// Scoring takes two launches. `landmark_logits_kernel` reads every landmark once for all the
+/// query heads of its group and writes their logits plus a partial softmax state (max, sum)
+/// per CTA tile; `landmark_normalize_kernel` merges the partial states of a row and turns the
+/// logits into scores. (The normalisers are global over a row, so the logits must be kept
+/// somewhere until they are known; `G` floats per landmark cost far less than a second pass
+/// over the landmarks, `d * sizeof(T)` bytes each, and usually stay in L2 between the two
+/// launches.)
+///
+/// Selection, `landmark_top_k_kernel`: one CTA per row, the row's keys cached in shared memory,
+/// an MSB-first 8-bit radix select finds the k-th largest key, and one ordered compaction
+/// (warp segments in index order) writes the selected indices already ascending, ties
+/// resolved to the lower index, so no sort is needed.
+///
+/// Measured on the H200 (ncu --clock-control none, gpu__time_duration; B = 1, H_kv = 8, G = 4,
+/// d = 128, bf16, M = 16384, k = 256): logits 16.7 us (33.6 MB of landmarks: 2.0 TB/s, ~50% of
+/// HBM; the CTAs are issue/latency-bound at this size), normalize 5.8 us, top-k 13.9 us. At
+/// B = 64 (2.1 GB of landmarks) the two scoring launches take 742 us together (event-timed),
+/// 2.9 TB/s of landmarks, ~80% of the floor that counts the logits round trip too.
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#include "../../core/dtype.hpp"
+#include "../../device/softmax.hpp"
+#include "../types.cuh"
+
+namespace shadowkv::cuda {
+
+/// Parameters of `score_landmarks` (cuda/landmark_ops.cuh). Every pointer is a device address.
+/// Sequence `b` of the batch has `M_b = num_landmarks[b]` landmarks per KV head (`0 <= M_b <=
+/// max_landmarks`, any mix); its scores occupy `scores[score_offsets[b] ..
+/// score_offsets[b] + H_kv * M_b)`, laid out `[H_kv, M_b]`, which must lie inside
+/// `[0, scores_capacity)`. Elements of `scores` outside every sequence's range are not touched.
+template <StorageType T>
+struct LandmarkScoreParams {
+  const float* queries = nullptr;            ///< [batch, H_q, d] post-RoPE queries
+  const T* const* landmarks = nullptr;       ///< [batch] pointers, sequence b: [H_kv, M_b, d], 16-byte aligned
+  const int* num_landmarks = nullptr;        ///< [batch] M_b
+  const long long* score_offsets = nullptr;  ///< [batch] first element of sequence b's scores
+  float* scores = nullptr;                   ///< [scores_capacity] output
+  long long scores_capacity = 0;             ///< elements of `scores`
+  /// `landmark_score_workspace_bytes(...)` bytes, 16-byte aligned; nullptr: the launcher takes
+  /// it from its allocator (stream-ordered) for the duration of the call.
+  void* workspace = nullptr;
+  std::size_t workspace_bytes = 0;
+  int batch = 0;
+  int num_q_heads = 0;   ///< H_q, a multiple of H_kv
+  int num_kv_heads = 0;  ///< H_kv
+  int head_dim = 0;      ///< d: 64, 96, 128 or 256
+  int max_landmarks = 0; ///< bound on every M_b (sizes the grid and the workspace)
+  float scale = 1.0f;    ///< logit scale, usually 1/sqrt(d)
+};
+
+/// Parameters of `select_top_k` (cuda/landmark_ops.cuh). Every pointer is a device address;
+/// `scores`, `num_landmarks`, `score_offsets` are laid out as in `LandmarkScoreParams`.
+struct TopKParams {
+  const float* scores = nullptr;             ///< [scores_capacity]
+  const int* num_landmarks = nullptr;        ///< [batch] M_b
+  const long long* score_offsets = nullptr;  ///< [batch]
+  long long scores_capacity = 0;
+  /// [batch, H_kv, k]: row (b, h) holds the min(k, M_b) landmark indices of the highest scores,
+  /// ascending, then -1 up to k. Ties go to the lower index; NaN ranks as -inf, -0 as +0.
+  std::int32_t* selected = nullptr;
+  int batch = 0;
+  int num_kv_heads = 0;
+  int k = 0;              ///< 1 ..= kMaxTopK
+  int max_landmarks = 0;  ///< bound on every M_b
+};
+
+namespace kernels {
+namespace landmark_detail {
+
+inline constexpr int kLogitsThreads = 256;
+inline constexpr int kLogitsTileBytes = 32768;  ///< landmark bytes per CTA of the logits kernel
+inline constexpr int kMinLogitsTileRows = 32;   ///< smallest tile (fp32, d = 256): sizes the partials
+inline constexpr int kNormalizeThreads = 256;
+inline constexpr int kNormalizeTile = 512;  ///< landmarks per CTA of the normalize kernel
+inline constexpr int kTopKItems = 4;         ///< consecutive keys per thread per step
+
+constexpr int pow2_ceil(int x) {
+  int p = 1;
+  while (p < x) p *= 2;
+  return p;
+}
+constexpr int log2_exact(int x) {
+  int l = 0;
+  while ((1 << l) < x) ++l;
+  return l;
+}
+constexpr int min_int(int a, int b) { return a < b ? a : b; }
+constexpr int max_int(int a, int b) { return a > b ? a : b; }
+
+constexpr int pow2_floor(int x) {
+  int p = 1;
+  while (p * 2 <= x) p *= 2;
+  return p;
+}
+
+/// How the logits kernel tiles the landmarks and spreads a row over a warp. A CTA copies
+/// `kTileRows` rows (<= 32 KiB) into shared memory with one bulk copy, then `kLanes`
+/// consecutive lanes share a row, each holding `kElems` elements of it and of the `GB` query
+/// heads (in registers): 8 elements per lane when GB = 8, 16 otherwise, so that the query
+/// slices fit in <= 64 registers and the FMAs per lane outnumber the shuffles of the reduction
+/// by ~8x or more. Lane `r` of a row owns vectors `r, r + kLanes, ...` of `kVec` elements
+/// (16-byte vectors where the split allows): a warp's shared-memory reads are conflict-free.
+template <class D, int HD, int GB>
+struct LogitsLayout {
+  static constexpr int kRowBytes = HD * static_cast<int>(sizeof(D));
+  static constexpr int kTileRows = max_int(kMinLogitsTileRows, min_int(256, pow2_floor(kLogitsTileBytes / kRowBytes)));
+  static constexpr int kTileBytes = kTileRows * kRowBytes;
+  /// Dynamic shared memory: two landmark stages and the staged logits.
+  static constexpr int kSmemBytes = 2 * kTileBytes + GB * kTileRows * static_cast<int>(sizeof(float));
+  static constexpr int kLanes = pow2_ceil(HD / (GB >= 8 ? 8 : 16));
+  static_assert(kLanes <= 32 && HD % kLanes == 0, "head dim does not split over the lanes");
+  static constexpr int kElems = HD / kLanes;
+  static constexpr int vec_for(int max_vec) {
+    int v = max_vec;
+    while (kElems % v != 0) v /= 2;
+    return v;
+  }
+  static constexpr int kVec = vec_for(16 / static_cast<int>(sizeof(D)));
+  static constexpr int kVecBytes = kVec * static_cast<int>(sizeof(D));
+  static_assert(kVecBytes == 4 || kVecBytes == 8 || kVecBytes == 16, "vector width");
+  static constexpr int kWords = kVecBytes / 4;
+  static constexpr int kVecsPerLane = kElems / kVec;
+  static constexpr int kRowsPerPass = kLogitsThreads / kLanes;
+  static constexpr int kUnroll = 2;  ///< rows per lane loaded before the FMAs
+  static constexpr int kRowsPerStep = kRowsPerPass * kUnroll;
+  static_assert(kTileRows % kRowsPerStep == 0, "tile must hold whole steps");
+  /// After the reduce-scatter a lane holds `kKeep` consecutive heads' sums; `kDupMask` selects
+  /// the lanes holding duplicates (only the one with these bits clear writes).
+  static constexpr int kScatterSteps = min_int(log2_exact(GB), log2_exact(kLanes));
+  static constexpr int kKeep = GB >> kScatterSteps;
+  static constexpr int kDupMask = (kLanes >> kScatterSteps) - 1;
+};
+
+/// One vector of `W` 32-bit words from shared memory.
+template <int W>
+__device__ __forceinline__ void load_words(const void* src, unsigned (&w)[W]) {
+  if constexpr (W == 1) {
+    w[0] = *static_cast<const unsigned*>(src);
+  } else if constexpr (W == 2) {
+    const uint2 v = *static_cast<const uint2*>(src);
+    w[0] = v.x;
+    w[1] = v.y;
+  } else {
+    const uint4 v = *static_cast<const uint4*>(src);
+    w[0] = v.x;
+    w[1] = v.y;
+    w[2] = v.z;
+    w[3] = v.w;
+  }
+}
+
+/// A shared-memory stage filled from global memory: on sm_90 by a bulk copy (the copy engine;
+/// evict-first in L2, since landmarks are read once per step and should not push the logits
+/// out of L2) that completes on an mbarrier, elsewhere by the CTA with 16-byte loads. `bytes`
+/// is a multiple of 16 and both addresses are 16-byte aligned.
+///
+/// `stage_init` (before a __syncthreads) once per barrier; `stage_issue` by any CTA after
+/// every thread is done reading the stage; `stage_wait(..., parity)` with the parity of the
+/// barrier's use count.
+__device__ __forceinline__ void stage_init(unsigned long long* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (threadIdx.x == 0) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(bar))));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+#else
+  (void)bar;
+#endif
+}
+
+__device__ __forceinline__ void stage_issue(void* dst, const void* src, unsigned bytes, unsigned long long* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (threadIdx.x == 0) {
+    const unsigned bar_addr = static_cast<unsigned>(__cvta_generic_to_shared(bar));
+    // The stage was last read through the generic proxy; order that before the async write.
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    unsigned long long policy;
+    asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;" : "=l"(policy));
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar_addr), "r"(bytes) : "memory");
+    asm volatile(
+        "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;" ::"r"(
+            static_cast<unsigned>(__cvta_generic_to_shared(dst))),
+        "l"(src), "r"(bytes), "r"(bar_addr), "l"(policy)
+        : "memory");
+  }
+#else
+  (void)dst, (void)src, (void)bytes, (void)bar;
+#endif
+}
+
+__device__ __forceinline__ void stage_wait(void* dst, const void* src, unsigned bytes, unsigned long long* bar,
+                                           unsigned parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  (void)dst, (void)src, (void)bytes;
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n"
+      "}\n" ::"r"(static_cast<unsigned>(__cvta_generic_to_shared(bar))),
+      "r"(parity)
+      : "memory");
+#else
+  (void)bar, (void)parity;
+  for (unsigned i = threadIdx.x; i < bytes / 16; i += blockDim.x)
+    static_cast<uint4*>(dst)[i] = __ldcs(static_cast<const uint4*>(src) + i);
+  __syncthreads();
+#endif
+}
+
+/// `N` consecutive query floats (16-byte aligned when N >= 4), or zeros for a null `src`.
+template <int N>
+__device__ __forceinline__ void load_query(const float* src, float* dst) {
+  if constexpr (N % 4 == 0) {
+#pragma unroll
+    for (int v = 0; v < N / 4; ++v) {
+      const float4 x = src ? reinterpret_cast<const float4*>(src)[v] : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+      dst[4 * v] = x.x;
+      dst[4 * v + 1] = x.y;
+      dst[4 * v + 2] = x.z;
+      dst[4 * v + 3] = x.w;
+    }
+  } else {
+    static_assert(N == 2, "query slices are 2, 4 or 8 floats");
+    const float2 x = src ? *reinterpret_cast<const float2*>(src) : make_float2(0.0f, 0.0f);
+    dst[0] = x.x;
+    dst[1] = x.y;
+  }
+}
+
+/// The elements of one 32-bit word of storage type `D` as floats (1 for float, 2 otherwise).
+template <class D>
+__device__ __forceinline__ void unpack_word(unsigned w, float* out) {
+  if constexpr (sizeof(D) == 4) {
+    out[0] = __uint_as_float(w);
+  } else if constexpr (std::is_same_v<D, __nv_bfloat16>) {
+    out[0] = __uint_as_float(w << 16);
+    out[1] = __uint_as_float(w & 0xffff0000u);
+  } else {
+    out[0] = __half2float(__ushort_as_half(static_cast<unsigned short>(w & 0xffffu)));
+    out[1] = __half2float(__ushort_as_half(static_cast<unsigned short>(w >> 16)));
+  }
+}
+
+/// Butterfly reduce-scatter of `GB` per-lane partial sums over the `M*2` lanes of a row group
+/// (called with M = kLanes / 2): while a lane holds several heads, each step sends half of
+/// them to its partner and keeps the other half, so the GB sums take GB - 1 shuffles (not
+/// GB * log2(kLanes)); once one value is left, plain xor steps finish it. `off` returns the
+/// head index of `v[0]`.
+template <int M, int N, int GB>
+__device__ __forceinline__ void reduce_scatter(float (&v)[GB], int r, int& off) {
+  if constexpr (M > 0) {
+    if constexpr (N > 1) {
+      constexpr int kHalf = N / 2;
+      const bool upper = (r & M) != 0;
+#pragma unroll
+      for (int i = 0; i < kHalf; ++i) {
+        const float send = upper ? v[i] : v[i + kHalf];
+        const float keep = upper ? v[i + kHalf] : v[i];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, M);
+      }
+      if (upper) off += kHalf;
+      reduce_scatter<M / 2, kHalf, GB>(v, r, off);
+    } else {
+      v[0] += __shfl_xor_sync(0xffffffffu, v[0], M);
+      reduce_scatter<M / 2, 1, GB>(v, r, off);
+    }
+  }
+}
+
+/// Launch-time contract on device-resident sizes the host cannot see without a sync. A
+/// violation stops the kernel with a trap (the stream then reports an error) instead of
+/// reading or writing out of bounds or silently dropping landmarks.
+__device__ __forceinline__ void require(bool ok) {
+  if (!ok) __trap();
+}
+
+__device__ __forceinline__ void check_row(int m, long long off, int num_kv_heads, int max_landmarks,
+                                          long long capacity) {
+  require(m >= 0 && m <= max_landmarks && off >= 0 &&
+          off + static_cast<long long>(num_kv_heads) * m <= capacity);
+}
+
+/// Maps a score to an unsigned key whose order is the selection order: NaN as -inf (it ranks
+/// last, as in the CPU backend), -0 as +0 (they compare equal there, so they tie).
+__device__ __forceinline__ unsigned order_key(float x) {
+  unsigned u = __float_as_uint(x);
+  if ((u & 0x7fffffffu) > 0x7f800000u) u = 0xff800000u;  // NaN -> -inf
+  if ((u << 1) == 0u) u = 0u;                             // -0 -> +0
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+/// Where the scoring workspace keeps what: the partial softmax states `[batch, H_kv,
+/// num_tiles, G]` (float2: max, sum of exp), then the logits of query heads 1..G-1 of each
+/// group (head 0's go straight into `scores`), sequence b's at `(G - 1) * score_offsets[b]`,
+/// laid out `[H_kv, G - 1, M_b]`.
+struct LandmarkScoreWorkspace {
+  float2* partials = nullptr;
+  float* logits = nullptr;
+  int tile_rows = kMinLogitsTileRows;  ///< landmarks per partial state (the logits kernel's tile)
+  int num_tiles = 0;                   ///< ceil(max_landmarks / tile_rows)
+  int group = 1;
+
+  static constexpr std::size_t align(std::size_t n) { return (n + 255) / 256 * 256; }
+  /// Sized for the smallest tile, so that the size does not depend on dtype and head dim.
+  static std::size_t partial_bytes(int batch, int num_kv_heads, int group, int max_landmarks) {
+    const std::size_t tiles =
+        (static_cast<std::size_t>(max_landmarks) + kMinLogitsTileRows - 1) / kMinLogitsTileRows;
+    return align(static_cast<std::size_t>(batch) * num_kv_heads * tiles * group * sizeof(float2));
+  }
+  static std::size_t logit_bytes(int group, long long scores_capacity) {
+    return align(static_cast<std::size_t>(group - 1) * static_cast<std::size_t>(scores_capacity) * sizeof(float));
+  }
+};
+
+}  // namespace landmark_detail
+
+/// Persistent grid (the resident CTA count, or fewer items), 256 threads, `kSmemBytes` of
+/// dynamic shared memory. The work items are the tiles of `kTileRows` landmarks (32 KiB; 128 rows for bf16,
+/// d = 128) of each (sequence, KV head, block of up to `GB` query heads of its group; GB in
+/// {1, 2, 4, 8}: G rounded up to a power of two, or blocks of 8 when G > 8); a CTA takes a
+/// contiguous range of them (tiles past a sequence's M_b skipped), so consecutive tiles of a
+/// row share its query slices. Two shared-memory stages: the bulk copy of the next tile is in
+/// flight while the current one is computed. Each row
+/// is read once from shared memory for all GB heads (query slices in registers), the GB dot
+/// products of a row are reduced with a butterfly reduce-scatter, and the logits are staged in
+/// shared memory; the CTA then writes them (head 0 into `scores`, the others into the
+/// workspace) with the tile's max and sum of exp per head.
+///
+/// Performance: the floor is the landmark bytes, `sum_b H_kv * M_b * d * sizeof(T)` (times
+/// ceil(G / 8) when G > 8), at HBM bandwidth (~4 TB/s on the H200); the logits add
+/// `sum_b H_q * M_b * 4` bytes written (1/16 of the landmark bytes for bf16, d = 128, G = 4),
+/// absorbed by L2 for small batches; queries and partial states are negligible. Arithmetic is
+/// `G * d` FMAs per landmark on the CUDA cores (float, as the CPU backend): ~50% of the FMA
+/// rate at G = 8 and HBM speed for 16-bit landmarks, so the issue rate, not HBM, is what
+/// holds this kernel at 50-70% of the floor (see the figures at the top of the file).
+template <class T, int HD, int GB>
+__global__ void __launch_bounds__(landmark_detail::kLogitsThreads)
+    landmark_logits_kernel(const LandmarkScoreParams<T> p, const landmark_detail::LandmarkScoreWorkspace ws) {
+  using namespace landmark_detail;
+  using D = device_t<T>;
+  using L = LogitsLayout<D, HD, GB>;
+  constexpr int kWarps = kLogitsThreads / 32;
+  extern __shared__ uint4 s_dyn[];  // [2][kTileRows * kRowBytes] landmark stages, then [GB][kTileRows] logits
+  unsigned char* s_stage = reinterpret_cast<unsigned char*>(s_dyn);
+  float(*s_logits)[L::kTileRows] = reinterpret_cast<float(*)[L::kTileRows]>(s_stage + 2 * L::kTileBytes);
+  __shared__ unsigned long long s_bar[2];
+
+  const int group = ws.group;
+  const int head_blocks = (group + GB - 1) / GB;
+  const int rows_y = p.num_kv_heads * head_blocks;
+  const int items = ws.num_tiles * rows_y * p.batch;  // < 2^31: checked by the launcher
+
+  // Work item w -> (tile, y = h * head_blocks + block, b), tiles of a row consecutive.
+  // Each CTA takes a contiguous range of items: consecutive tiles of one row share the query
+  // slices (kept in registers) and the row's metadata. A cursor walks the range (one division
+  // at the start), skipping the tiles past a row's M_b.
+  struct Item {
+    int w, tile, y, b, m;  // cursor: item index, its tile / row / sequence, M_b
+    int h, head0, n_valid;
+    long long off_b;
+    const D* src;
+  };
+  const int w_begin = static_cast<int>(static_cast<long long>(items) * blockIdx.x / gridDim.x);
+  const int w_end = static_cast<int>(static_cast<long long>(items) * (blockIdx.x + 1) / gridDim.x);
+  auto next_row = [&](Item& it) {
+    it.tile = 0;
+    if (++it.y == rows_y) {
+      it.y = 0;
+      ++it.b;
+      it.m = it.b < p.batch ? p.num_landmarks[it.b] : 0;
+    }
+  };
+  auto seek = [&](Item& it) {  // to the first valid item at or after the cursor
+    while (it.w < w_end) {
+      if (it.tile * L::kTileRows < it.m) {
+        it.h = it.y / head_blocks;
+        it.head0 = (it.y - it.h * head_blocks) * GB;
+        it.n_valid = min(L::kTileRows, it.m - it.tile * L::kTileRows);
+        it.off_b = p.score_offsets[it.b];
+        check_row(it.m, it.off_b, p.num_kv_heads, p.max_landmarks, p.scores_capacity);
+        const D* seq = reinterpret_cast<const D*>(p.landmarks[it.b]);
+        require(reinterpret_cast<std::uintptr_t>(seq) % 16 == 0);
+        it.src = seq + (static_cast<long long>(it.h) * it.m + static_cast<long long>(it.tile) * L::kTileRows) * HD;
+        return;
+      }
+      it.w += ws.num_tiles - it.tile;  // the rest of this row is past M_b
+      next_row(it);
+    }
+  };
+  auto first_item = [&] {
+    Item it{};
+    it.w = w_begin;
+    const int rest = w_begin / ws.num_tiles;
+    it.tile = w_begin - rest * ws.num_tiles;
+    it.b = rest / rows_y;
+    it.y = rest - it.b * rows_y;
+    it.m = it.b < p.batch ? p.num_landmarks[it.b] : 0;
+    seek(it);
+    return it;
+  };
+  auto next_item = [&](Item it) {
+    ++it.w;
+    if (++it.tile == ws.num_tiles) next_row(it);
+    seek(it);
+    return it;
+  };
+  auto valid = [&](const Item& it) { return it.w < w_end; };
+
+  stage_init(&s_bar[0]);
+  stage_init(&s_bar[1]);
+  __syncthreads();
+  Item cur = first_item();
+  if (valid(cur)) stage_issue(s_stage, cur.src, static_cast<unsigned>(cur.n_valid * L::kRowBytes), &s_bar[0]);
+
+  const int tid = threadIdx.x;
+  const int r = tid % L::kLanes;  // lane within the row group
+  const int row_in_pass = tid / L::kLanes;
+  const int warp = tid / 32, lane = tid % 32;
+  unsigned phase = 0u;  // bit s: parity of stage s's next completion
+  float q[GB][L::kElems];
+  long long q_row = -1;  // (b * H_kv + h) * G + head0 of the slices in q
+  for (int s = 0; valid(cur); s ^= 1) {
+    const Item nxt = next_item(cur);
+    if (valid(nxt))  // stage s^1 was released by the barrier that ended the previous item
+      stage_issue(s_stage + (s ^ 1) * L::kTileBytes, nxt.src, static_cast<unsigned>(nxt.n_valid * L::kRowBytes),
+                  &s_bar[s ^ 1]);
+
+    const long long row_id = (static_cast<long long>(cur.b) * p.num_kv_heads + cur.h) * group + cur.head0;
+    if (row_id != q_row) {
+      q_row = row_id;
+#pragma unroll
+      for (int j = 0; j < GB; ++j) {
+        const bool head_valid = cur.head0 + j < group;
+        const float* src = p.queries + (static_cast<long long>(cur.b) * p.num_q_heads +
+                                         static_cast<long long>(cur.h) * group + cur.head0 + j) *
+                                            HD;
+#pragma unroll
+        for (int i = 0; i < L::kVecsPerLane; ++i)
+          load_query<L::kVec>(head_valid ? src + (r + L::kLanes * i) * L::kVec : nullptr, &q[j][i * L::kVec]);
+      }
+    }
+    unsigned char* tile_smem = s_stage + s * L::kTileBytes;
+    stage_wait(tile_smem, cur.src, static_cast<unsigned>(cur.n_valid * L::kRowBytes), &s_bar[s], (phase >> s) & 1u);
+    phase ^= 1u << s;
+
+    const D* rows = reinterpret_cast<const D*>(tile_smem);
+    for (int base = 0; base < cur.n_valid; base += L::kRowsPerStep) {  // uniform: warps stay converged
+      unsigned raw[L::kUnroll][L::kVecsPerLane][L::kWords];
+#pragma unroll
+      for (int u = 0; u < L::kUnroll; ++u) {
+        const int row = base + u * L::kRowsPerPass + row_in_pass;  // < kTileRows: inside the stage
+#pragma unroll
+        for (int i = 0; i < L::kVecsPerLane; ++i)
+          load_words<L::kWords>(rows + row * HD + (r + L::kLanes * i) * L::kVec, raw[u][i]);
+      }
+#pragma unroll
+      for (int u = 0; u < L::kUnroll; ++u) {
+        float acc[GB];
+#pragma unroll
+        for (int j = 0; j < GB; ++j) acc[j] = 0.0f;
+#pragma unroll
+        for (int i = 0; i < L::kVecsPerLane; ++i)
+#pragma unroll
+          for (int w = 0; w < L::kWords; ++w) {
+            constexpr int kPer = 4 / static_cast<int>(sizeof(D));
+            float x[kPer];
+            unpack_word<D>(raw[u][i][w], x);
+#pragma unroll
+            for (int e = 0; e < kPer; ++e)
+#pragma unroll
+              for (int j = 0; j < GB; ++j) acc[j] = fmaf(q[j][i * L::kVec + w * kPer + e], x[e], acc[j]);
+          }
+        int head_off = 0;
+        reduce_scatter<L::kLanes / 2, GB, GB>(acc, r, head_off);
+        const int row = base + u * L::kRowsPerPass + row_in_pass;
+        if ((r & L::kDupMask) == 0 && row < cur.n_valid) {
+#pragma unroll
+          for (int i = 0; i < L::kKeep; ++i) s_logits[head_off + i][row] = acc[i] * p.scale;
+        }
+      }
+    }
+    __syncthreads();  // logits staged; stage s fully read
+
+    for (int j = warp; j < GB && cur.head0 + j < group; j += kWarps) {
+      const int head = cur.head0 + j;
+      float mx = -INFINITY;
+      for (int i = lane; i < cur.n_valid; i += 32) mx = fmaxf(mx, s_logits[j][i]);
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, o));
+      float sum = 0.0f;
+      if (mx != -INFINITY)
+        for (int i = lane; i < cur.n_valid; i += 32) sum += expf(s_logits[j][i] - mx);
+#pragma unroll
+      for (int o = 16; o > 0; o /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      float* dst = head == 0 ? p.scores + cur.off_b + static_cast<long long>(cur.h) * cur.m
+                             : ws.logits + (group - 1) * cur.off_b +
+                                   (static_cast<long long>(cur.h) * (group - 1) + head - 1) * cur.m;
+      dst += static_cast<long long>(cur.tile) * L::kTileRows;
+      for (int i = lane; i < cur.n_valid; i += 32) dst[i] = s_logits[j][i];
+      if (lane == 0)
+        ws.partials[((static_cast<long long>(cur.b) * p.num_kv_heads + cur.h) * ws.num_tiles + cur.tile) * group +
+                    head] = make_float2(mx, sum);
+    }
+    __syncthreads();  // s_logits is rewritten by the next item
+    cur = nxt;
+  }
+}
+
+/// Grid `(ceil(max_landmarks / 512), H_kv, batch)`, 256 threads, `2 * G` floats of dynamic
+/// shared memory. Each CTA merges the partial softmax states of its row (one warp per head),
+/// then turns the logits of 512 landmarks into `max_j exp(logit_j - max_j) / sum_j`. Loads
+/// are issued in batches (2 landmarks x 4 heads per thread) so that a CTA waits for memory a
+/// few times, not once per landmark.
+///
+/// Performance: reads `G * 4` bytes and writes 4 bytes per landmark (`sum_b H_q * M_b * 4 +
+/// sum_b H_kv * M_b * 4` in all, from L2 right after the logits kernel for small batches),
+/// plus the partial states of the row per CTA (`8 * G` bytes per tile of the logits kernel,
+/// from L2): ~1/12 of the logits kernel's bytes for bf16, d = 128, G = 4.
+template <class T>
+__global__ void __launch_bounds__(landmark_detail::kNormalizeThreads)
+    landmark_normalize_kernel(const LandmarkScoreParams<T> p, const landmark_detail::LandmarkScoreWorkspace ws) {
+  using namespace landmark_detail;
+  constexpr int kWarps = kNormalizeThreads / 32;
+  constexpr int kPer = kNormalizeTile / kNormalizeThreads;  // landmarks per thread
+  constexpr int kHeads = 4;                                  // heads loaded per batch
+  extern __shared__ float s_stats[];                         // [2][G]: max, sum
+  const int group = ws.group;
+  float* s_max = s_stats;
+  float* s_sum = s_stats + group;
+
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int m = p.num_landmarks[b];
+  const long long off_b = p.score_offsets[b];
+  check_row(m, off_b, p.num_kv_heads, p.max_landmarks, p.scores_capacity);
+  const int t0 = blockIdx.x * kNormalizeTile;
+  if (t0 >= m) return;
+
+  const int tid = threadIdx.x, warp = tid / 32, lane = tid % 32;
+  const int tiles = (m + ws.tile_rows - 1) / ws.tile_rows;
+  const float2* __restrict__ partials =
+      ws.partials + (static_cast<long long>(b) * p.num_kv_heads + h) * ws.num_tiles * group;
+  for (int j = warp; j < group; j += kWarps) {
+    device::SoftmaxState st = device::empty_softmax_state();
+    for (int t = lane; t < tiles; t += 32 * 4) {
+      float2 pt[4];
+#pragma unroll
+      for (int u = 0; u < 4; ++u)
+        pt[u] = t + 32 * u < tiles ? partials[static_cast<long long>(t + 32 * u) * group + j] : make_float2(-INFINITY, 0.0f);
+#pragma unroll
+      for (int u = 0; u < 4; ++u) {
+        float sa, sb;
+        st = device::merge_softmax_state(st, device::SoftmaxState{pt[u].x, pt[u].y}, sa, sb);
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) {
+      const device::SoftmaxState other{__shfl_xor_sync(0xffffffffu, st.m, o), __shfl_xor_sync(0xffffffffu, st.l, o)};
+      float sa, sb;
+      st = device::merge_softmax_state(st, other, sa, sb);
+    }
+    if (lane == 0) {
+      s_max[j] = st.m;
+      s_sum[j] = st.l;
+    }
+  }
+  __syncthreads();
+
+  float* __restrict__ row0 = p.scores + off_b + static_cast<long long>(h) * m;
+  const float* __restrict__ rows = ws.logits + (group - 1) * off_b + static_cast<long long>(h) * (group - 1) * m;
+  float score[kPer];
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    const int i = t0 + u * kNormalizeThreads + tid;
+    score[u] = i < m ? row0[i] : 0.0f;
+  }
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) score[u] = expf(score[u] - s_max[0]) / s_sum[0];
+  for (int j0 = 1; j0 < group; j0 += kHeads) {
+    float v[kHeads][kPer];
+#pragma unroll
+    for (int jj = 0; jj < kHeads; ++jj)
+#pragma unroll
+      for (int u = 0; u < kPer; ++u) {
+        const int i = t0 + u * kNormalizeThreads + tid;
+        v[jj][u] = j0 + jj < group && i < m ? rows[static_cast<long long>(j0 + jj - 1) * m + i] : 0.0f;
+      }
+#pragma unroll
+    for (int jj = 0; jj < kHeads; ++jj)
+      if (j0 + jj < group)
+#pragma unroll
+        for (int u = 0; u < kPer; ++u)
+          score[u] = fmaxf(score[u], expf(v[jj][u] - s_max[j0 + jj]) / s_sum[j0 + jj]);
+  }
+#pragma unroll
+  for (int u = 0; u < kPer; ++u) {
+    const int i = t0 + u * kNormalizeThreads + tid;
+    if (i < m) row0[i] = score[u];
+  }
+}
+
+/// Grid `(H_kv, batch)`, `NT` threads, one CTA per (sequence, KV head) row; dynamic shared
+/// memory caches up to `cache_capacity` keys (longer rows read their keys from global memory,
+/// i.e. L2, on each pass). Radix select, MSB first, 8 bits per pass: a histogram of the
+/// candidates' next digit in shared memory (the first one built while the keys are cached),
+/// one warp's scan finds the digit holding the k-th largest key; the passes stop early once
+/// that digit's candidates are exactly the ones still needed. Then one ordered compaction:
+/// an element is selected if its key prefix is above the found one, or equal and among the
+/// first `remaining` such in index order. Each warp owns a contiguous segment of the row,
+/// counts its (above, equal) elements, and after one barrier writes its selected indices at
+/// the offsets that the counts of the warps before it give (ranks within a warp by shuffle
+/// scans, skipped for steps of 128 elements holding none), so the row comes out ascending
+/// without a sort. Rows with `M_b <= k` take all indices without reading scores.
+///
+/// Performance: the floor is one read of the scores, `sum_b H_kv * M_b * 4` bytes, plus the
+/// `batch * H_kv * k * 4` bytes of indices written. The passes re-read the cached keys from
+/// shared memory (at most 3 + 2 times), so the kernel is bound by one SM's issue rate per row,
+/// not by HBM: ~14 us for rows of 16384 keys while batch * H_kv is below the SM count (then
+/// each row has an SM to itself), 47 us for 512 such rows. Splitting a row over a cluster of
+/// CTAs would cut the small-batch time; not done yet.
+template <int NT>
+__global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2) landmark_top_k_kernel(const TopKParams p, int cache_capacity) {
+  using namespace landmark_detail;
+  constexpr int kWarps = NT / 32;
+  extern __shared__ uint4 s_cache_raw[];
+  unsigned* s_keys = reinterpret_cast<unsigned*>(s_cache_raw);
+  __shared__ unsigned s_hist[256];
+  __shared__ unsigned s_warp_above[kWarps], s_warp_equal[kWarps];
+  __shared__ int s_bin, s_above, s_bin_count;
+
+  const int h = blockIdx.x, b = blockIdx.y;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int m = p.num_landmarks[b];
+  const long long off_b = p.score_offsets[b];
+  check_row(m, off_b, p.num_kv_heads, p.max_landmarks, p.scores_capacity);
+  const int kk = min(p.k, m);
+  std::int32_t* out = p.selected + (static_cast<long long>(b) * p.num_kv_heads + h) * p.k;
+  if (kk == m) {  // every landmark is selected (M_b <= k)
+    for (int i = tid; i < p.k; i += NT) out[i] = i < m ? i : -1;
+    return;
+  }
+
+  const float* __restrict__ row = p.scores + off_b + static_cast<long long>(h) * m;
+  const bool cached = m <= cache_capacity;
+  for (int i = tid; i < 256; i += NT) s_hist[i] = 0u;
+  __syncthreads();
+  if (cached) {  // cache the keys and count their top digit; 8 loads in flight per thread
+    for (int base = 0; base < m; base += NT * 8) {
+      float v[8];
+#pragma unroll
+      for (int u = 0; u < 8; ++u) v[u] = base + u * NT + tid < m ? row[base + u * NT + tid] : 0.0f;
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int i = base + u * NT + tid;
+        if (i < m) {
+          const unsigned key = order_key(v[u]);
+          s_keys[i] = key;
+          atomicAdd(&s_hist[key >> 24], 1u);
+        }
+      }
+    }
+  }
+
+  // The rest reads keys through `key_at` (and 4 at a time, aligned, through `key4_at`),
+  // compiled once for the shared-memory cache and once for global memory.
+  auto select = [&](auto key_at, auto key4_at, bool top_digit_counted) {
+    // Radix select: after each pass, keys whose masked top bits exceed `prefix` are selected
+    // for sure; `remaining` more are needed among those equal to it.
+    unsigned prefix = 0u, mask = 0u;
+    int remaining = kk;
+    for (int shift = 24;; shift -= 8) {
+      if (!(top_digit_counted && shift == 24)) {
+        for (int first = tid * kTopKItems; first < m; first += NT * kTopKItems) {
+          unsigned keys[kTopKItems];
+          if (first + kTopKItems <= m) {
+            key4_at(first, keys);
+          } else {
+#pragma unroll
+            for (int q = 0; q < kTopKItems; ++q) keys[q] = first + q < m ? key_at(first + q) : 0u;
+          }
+#pragma unroll
+          for (int q = 0; q < kTopKItems; ++q)
+            if (first + q < m && (keys[q] & mask) == prefix) atomicAdd(&s_hist[(keys[q] >> shift) & 0xffu], 1u);
+        }
+      }
+      __syncthreads();
+      if (warp == 0) {
+        // Lane l owns bins 255 - 8l down to 248 - 8l; an inclusive scan over lanes counts the
+        // candidates from the top bin down.
+        unsigned c[8], total = 0u;
+#pragma unroll
+        for (int q = 0; q < 8; ++q) {
+          c[q] = s_hist[255 - 8 * lane - q];
+          total += c[q];
+        }
+        unsigned incl = total;
+#pragma unroll
+        for (int o = 1; o < 32; o *= 2) {
+          const unsigned v = __shfl_up_sync(0xffffffffu, incl, o);
+          if (lane >= o) incl += v;
+        }
+        const unsigned excl = incl - total;
+        const unsigned need = static_cast<unsigned>(remaining);
+        if (excl < need && need <= incl) {
+          unsigned cum = excl;
+#pragma unroll
+          for (int q = 0; q < 8; ++q) {
+            if (cum + c[q] >= need) {
+              s_bin = 255 - 8 * lane - q;
+              s_above = static_cast<int>(cum);
+              s_bin_count = static_cast<int>(c[q]);
+              break;
+            }
+            cum += c[q];
+          }
+        }
+      }
+      __syncthreads();
+      prefix |= static_cast<unsigned>(s_bin) << shift;
+      mask |= 0xffu << shift;
+      remaining -= s_above;
+      // Done once the found digit's candidates are exactly the ones still needed.
+      if (s_bin_count == remaining || shift == 0) break;
+      for (int i = tid; i < 256; i += NT) s_hist[i] = 0u;  // warp 0 read it before the barrier
+      __syncthreads();
+    }
+
+    // Ordered compaction over warp segments (multiples of 128 elements, in index order; lane
+    // l holds elements 4l..4l+3 of each 128). Selected elements are rare (k of M, plus ties),
+    // so a step with none costs one vote; only steps with some rank them.
+    const unsigned need = static_cast<unsigned>(remaining);
+    const unsigned need_above = static_cast<unsigned>(kk - remaining);
+    const int seg = (m + kWarps * 128 - 1) / (kWarps * 128) * 128;
+    const int seg_begin = min(m, warp * seg), seg_end = min(m, seg_begin + seg);
+    // Per lane, bit q of `above_bits` / `equal_bits`: element first + q is above / equal.
+    auto classify = [&](int first, unsigned& above_bits, unsigned& equal_bits) {
+      unsigned keys[kTopKItems];
+      if (first + kTopKItems <= seg_end) {
+        key4_at(first, keys);
+      } else {
+#pragma unroll
+        for (int q = 0; q < kTopKItems; ++q) keys[q] = first + q < seg_end ? key_at(first + q) : 0u;
+      }
+      above_bits = equal_bits = 0u;
+#pragma unroll
+      for (int q = 0; q < kTopKItems; ++q) {
+        const unsigned top = keys[q] & mask;
+        const bool in = first + q < seg_end;
+        above_bits |= static_cast<unsigned>(in && top > prefix) << q;
+        equal_bits |= static_cast<unsigned>(in && top == prefix) << q;
+      }
+    };
+    unsigned n_above = 0u, n_equal = 0u;
+    for (int base = seg_begin; base < seg_end; base += 128) {
+      unsigned above_bits, equal_bits;
+      classify(base + 4 * lane, above_bits, equal_bits);
+      n_above += __popc(above_bits);
+      n_equal += __popc(equal_bits);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) {
+      n_above += __shfl_xor_sync(0xffffffffu, n_above, o);
+      n_equal += __shfl_xor_sync(0xffffffffu, n_equal, o);
+    }
+    if (lane == 0) {
+      s_warp_above[warp] = n_above;
+      s_warp_equal[warp] = n_equal;
+    }
+    __syncthreads();
+    // Counts of the warps before this one: lane l holds warp l's, summed where l < warp.
+    unsigned above = lane < warp ? s_warp_above[lane] : 0u, equal = lane < warp ? s_warp_equal[lane] : 0u;
+#pragma unroll
+    for (int o = 16; o > 0; o /= 2) {
+      above += __shfl_xor_sync(0xffffffffu, above, o);
+      equal += __shfl_xor_sync(0xffffffffu, equal, o);
+    }
+    for (int base = seg_begin; base < seg_end; base += 128) {  // warp-uniform
+      if (above == need_above && equal >= need) break;         // everything selected is written
+      const int first = base + 4 * lane;
+      unsigned above_bits, equal_bits;
+      classify(first, above_bits, equal_bits);
+      if (!__any_sync(0xffffffffu, (above_bits | equal_bits) != 0u)) continue;
+      // Inclusive scans over lanes of the per-lane counts give each lane's starting ranks.
+      const unsigned lane_above = __popc(above_bits), lane_equal = __popc(equal_bits);
+      unsigned incl_above = lane_above, incl_equal = lane_equal;
+#pragma unroll
+      for (int o = 1; o < 32; o *= 2) {
+        const unsigned a = __shfl_up_sync(0xffffffffu, incl_above, o);
+        const unsigned e = __shfl_up_sync(0xffffffffu, incl_equal, o);
+        if (lane >= o) {
+          incl_above += a;
+          incl_equal += e;
+        }
+      }
+      unsigned my_above = above + incl_above - lane_above, my_equal = equal + incl_equal - lane_equal;
+#pragma unroll
+      for (int q = 0; q < kTopKItems; ++q) {
+        if ((above_bits >> q) & 1u) {
+          out[my_above + min(my_equal, need)] = first + q;
+          ++my_above;
+        } else if ((equal_bits >> q) & 1u) {
+          if (my_equal < need) out[my_above + my_equal] = first + q;
+          ++my_equal;
+        }
+      }
+      above += __shfl_sync(0xffffffffu, incl_above, 31);
+      equal += __shfl_sync(0xffffffffu, incl_equal, 31);
+    }
+  };
+  if (cached) {
+    select([&](int i) { return s_keys[i]; },
+           [&](int i, unsigned(&k4)[kTopKItems]) {
+             const uint4 v = reinterpret_cast<const uint4*>(s_keys)[i / kTopKItems];
+             k4[0] = v.x;
+             k4[1] = v.y;
+             k4[2] = v.z;
+             k4[3] = v.w;
+           },
+           true);
+  } else {
+    select([&](int i) { return order_key(row[i]); },
+           [&](int i, unsigned(&k4)[kTopKItems]) {
+#pragma unroll
+             for (int q = 0; q < kTopKItems; ++q) k4[q] = order_key(row[i + q]);
+           },
+           false);
+  }
+  for (int i = kk + tid; i < p.k; i += NT) out[i] = -1;
+}
+
+}  // namespace kernels
+}  // namespace shadowkv::cuda

@@ -1,0 +1,251 @@
+#pragma once
+/// \file cuda/landmark_ops.cuh
+/// \brief Host launchers of the decode-step landmark scoring and top-k selection for a ragged
+/// batch (kernels/landmark_select.cuh). Both take device pointers and one stream, validate
+/// every argument they can see before any CUDA call, check every launch, and never
+/// synchronise the host with the device. The first call on a device reads its attributes and
+/// sets the kernels' shared-memory limits once; later calls only enqueue work, so an engine can
+/// capture them in a CUDA graph (with a workspace it owns).
+///
+/// Results equal the CPU backend's `LandmarkIndex<CpuBackend, T>::score` (to float rounding)
+/// and `select_top_k` (exactly, on the same scores).
+
+#include <cuda_runtime.h>
+
+#include <atomic>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+
+#include "../core/dtype.hpp"
+#include "../core/error.hpp"
+#include "dispatch.cuh"
+#include "error.cuh"
+#include "kernels/landmark_select.cuh"
+#include "memory.cuh"
+
+namespace shadowkv::cuda {
+
+/// The largest `k` `select_top_k` takes.
+inline constexpr int kMaxTopK = 4096;
+
+namespace landmark_launch {
+
+inline void check_score_shapes(int batch, int num_q_heads, int num_kv_heads, int max_landmarks,
+                               long long scores_capacity) {
+  SHADOWKV_CHECK(batch >= 0 && batch <= 65535, "batch=", batch, " must be in [0, 65535]");
+  SHADOWKV_CHECK(num_kv_heads > 0, "num_kv_heads=", num_kv_heads, " must be positive");
+  SHADOWKV_CHECK(num_q_heads > 0 && num_q_heads % num_kv_heads == 0, "num_q_heads=", num_q_heads,
+                 " must be a positive multiple of num_kv_heads=", num_kv_heads);
+  SHADOWKV_CHECK(num_q_heads <= 4096, "num_q_heads=", num_q_heads, " exceeds 4096");
+  SHADOWKV_CHECK(num_kv_heads <= 65535, "num_kv_heads=", num_kv_heads, " exceeds 65535");
+  SHADOWKV_CHECK(max_landmarks >= 0, "max_landmarks=", max_landmarks, " must be >= 0");
+  SHADOWKV_CHECK(scores_capacity >= 0, "scores_capacity=", scores_capacity, " must be >= 0");
+}
+
+/// Heads per block of the logits kernel for a group of G query heads.
+inline int head_block(int group) { return group <= 1 ? 1 : group <= 2 ? 2 : group <= 4 ? 4 : 8; }
+
+/// Once per kernel and device: raises the kernel's dynamic shared memory limit to
+/// `smem_bytes` and returns how many of its CTAs of `threads` fit on one SM.
+template <auto Kernel>
+int configure_kernel(int threads, int smem_bytes) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> ctas_per_sm[kMaxDevices] = {};  // 0: not configured yet
+  int device = 0;
+  SHADOWKV_CUDA_CHECK(cudaGetDevice(&device));
+  int n = device < kMaxDevices ? ctas_per_sm[device].load(std::memory_order_relaxed) : 0;
+  if (n == 0) {
+    if (smem_bytes > 48 * 1024)
+      SHADOWKV_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+    SHADOWKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, threads, smem_bytes));
+    SHADOWKV_CHECK(n > 0, "the landmark scoring kernel does not fit on this device (", smem_bytes,
+                   " bytes of shared memory)");
+    if (device < kMaxDevices) ctas_per_sm[device].store(n, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+/// What the launches need to know of the current device, read once per device.
+struct DeviceInfo {
+  int smem_optin = 0;  ///< bytes of shared memory a block may opt in to
+  int sm_count = 0;
+};
+inline DeviceInfo device_info() {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> smem_optin[kMaxDevices] = {}, sm_count[kMaxDevices] = {};  // 0: not read yet
+  int device = 0;
+  SHADOWKV_CUDA_CHECK(cudaGetDevice(&device));
+  DeviceInfo d;
+  if (device < kMaxDevices) {
+    d.smem_optin = smem_optin[device].load(std::memory_order_relaxed);
+    d.sm_count = sm_count[device].load(std::memory_order_relaxed);
+  }
+  if (d.smem_optin == 0 || d.sm_count == 0) {
+    SHADOWKV_CUDA_CHECK(cudaDeviceGetAttribute(&d.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    SHADOWKV_CUDA_CHECK(cudaDeviceGetAttribute(&d.sm_count, cudaDevAttrMultiProcessorCount, device));
+    if (device < kMaxDevices) {
+      smem_optin[device].store(d.smem_optin, std::memory_order_relaxed);
+      sm_count[device].store(d.sm_count, std::memory_order_relaxed);
+    }
+  }
+  return d;
+}
+
+/// Launches `landmark_top_k_kernel<NT>`: rows of up to 32768 keys (128 KiB, less
+/// where the device allows less) are cached in shared memory, longer rows read from L2.
+template <int NT>
+void launch_top_k(const TopKParams& p, const DeviceInfo& dev, cudaStream_t stream) {
+  auto* kernel = kernels::landmark_top_k_kernel<NT>;
+  constexpr int kMaxCached = 32768;
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> configured[kMaxDevices] = {};  // 1 + cached keys the attribute allows
+  int device = 0;
+  SHADOWKV_CUDA_CHECK(cudaGetDevice(&device));
+  int limit = device < kMaxDevices ? configured[device].load(std::memory_order_relaxed) - 1 : -1;
+  if (limit < 0) {
+    cudaFuncAttributes attr{};
+    SHADOWKV_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    // Room for the keys: the opt-in limit less the static shared memory, a 1 KiB margin and
+    // the 512-byte pad below.
+    const int room = dev.smem_optin - static_cast<int>(attr.sharedSizeBytes) - 1024 - 512;
+    limit = room > 0 ? room / 16 * 4 : 0;
+    if (limit > kMaxCached) limit = kMaxCached;
+    SHADOWKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit * 4 + 512));
+    if (device < kMaxDevices) configured[device].store(limit + 1, std::memory_order_relaxed);
+  }
+  const int cache = p.max_landmarks < limit ? p.max_landmarks : limit;
+  // Padded by 128 keys: the compiler may merge the kernel's guarded tail reads of 4 keys into
+  // one (speculative) vector load, which must stay inside the allocation.
+  const std::size_t smem = (static_cast<std::size_t>(cache) + 3) / 4 * 16 + 512;
+  const dim3 grid(static_cast<unsigned>(p.num_kv_heads), static_cast<unsigned>(p.batch));
+  kernel<<<grid, NT, smem, stream>>>(p, cache);
+  SHADOWKV_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace landmark_launch
+
+/// Device workspace bytes `score_landmarks` needs for these shapes: the partial softmax states
+/// (`8 * G` bytes per 32 landmarks of `max_landmarks` per (sequence, KV head)) and the logits
+/// of query heads 1..G-1 (`4 * (G - 1) * scores_capacity` bytes; none when G = 1). Throws `shadowkv::Error` on
+/// shapes `score_landmarks` would reject.
+inline std::size_t landmark_score_workspace_bytes(int batch, int num_q_heads, int num_kv_heads, int max_landmarks,
+                                                  long long scores_capacity) {
+  landmark_launch::check_score_shapes(batch, num_q_heads, num_kv_heads, max_landmarks, scores_capacity);
+  using W = kernels::landmark_detail::LandmarkScoreWorkspace;
+  const int group = num_q_heads / num_kv_heads;
+  return W::partial_bytes(batch, num_kv_heads, group, max_landmarks) + W::logit_bytes(group, scores_capacity);
+}
+
+/// Scores the landmarks of a ragged batch for one decode step: for sequence `b`, KV head `h`,
+/// landmark `m`, `scores[score_offsets[b] + h * M_b + m] = max over the G query heads j of
+/// head h of softmax_m(queries[b, h*G + j] · landmarks[b][h, m] * scale)`, the softmax taken
+/// over the M_b landmarks of that sequence and head (as `LandmarkIndex<CpuBackend, T>::score`).
+///
+/// \param p       shapes and device pointers, see `LandmarkScoreParams`. `p.workspace` may be
+///                null: `allocator` then provides it, stream-ordered, for this call.
+/// \param stream  every launch (and a workspace allocation) goes on it; nothing synchronises.
+///
+/// Throws `shadowkv::Error` naming the argument for bad shapes (head_dim outside {64, 96, 128,
+/// 256}, H_q not a multiple of H_kv, ...), a null pointer, or a workspace that is too small;
+/// and for a failed launch. Device-resident sizes that break the contract of
+/// `LandmarkScoreParams` (M_b > max_landmarks, a row outside scores_capacity, a misaligned
+/// landmark pointer) stop the kernel with a trap, which the stream reports.
+template <StorageType T>
+void score_landmarks(const LandmarkScoreParams<T>& p, cudaStream_t stream,
+                     DeviceAllocator& allocator = default_allocator()) {
+  landmark_launch::check_score_shapes(p.batch, p.num_q_heads, p.num_kv_heads, p.max_landmarks, p.scores_capacity);
+  SHADOWKV_CHECK(p.head_dim == 64 || p.head_dim == 96 || p.head_dim == 128 || p.head_dim == 256,
+                 "head_dim=", p.head_dim, " is not supported by the CUDA kernels (supported: 64, 96, 128, 256)");
+  SHADOWKV_CHECK(std::isfinite(p.scale), "scale=", p.scale, " must be finite");
+  const std::size_t need =
+      landmark_score_workspace_bytes(p.batch, p.num_q_heads, p.num_kv_heads, p.max_landmarks, p.scores_capacity);
+  if (p.workspace) {
+    SHADOWKV_CHECK(p.workspace_bytes >= need, "workspace_bytes=", p.workspace_bytes, " < required ", need,
+                   " (landmark_score_workspace_bytes)");
+    SHADOWKV_CHECK(reinterpret_cast<std::uintptr_t>(p.workspace) % 16 == 0, "workspace must be 16-byte aligned");
+  }
+  const int group = p.num_q_heads / p.num_kv_heads;
+  const int gb = landmark_launch::head_block(group);
+  const long long head_blocks = (group + gb - 1) / gb;
+  namespace kd = kernels::landmark_detail;
+  // Work items of the logits kernel, counted with the smallest tile (an upper bound).
+  const long long max_items = (static_cast<long long>(p.max_landmarks) + kd::kMinLogitsTileRows - 1) /
+                              kd::kMinLogitsTileRows * p.num_kv_heads * head_blocks * p.batch;
+  SHADOWKV_CHECK(max_items < (1ll << 31), "batch=", p.batch, " x num_kv_heads=", p.num_kv_heads,
+                 " x max_landmarks=", p.max_landmarks, " is too large for one launch");
+  if (p.batch == 0 || p.max_landmarks == 0) return;
+  SHADOWKV_CHECK(p.queries, "queries must be non-null");
+  SHADOWKV_CHECK(reinterpret_cast<std::uintptr_t>(p.queries) % 16 == 0, "queries must be 16-byte aligned");
+  SHADOWKV_CHECK(p.landmarks, "landmarks must be non-null");
+  SHADOWKV_CHECK(p.num_landmarks, "num_landmarks must be non-null");
+  SHADOWKV_CHECK(p.score_offsets, "score_offsets must be non-null");
+  SHADOWKV_CHECK(p.scores, "scores must be non-null");
+
+  DeviceBuffer<std::byte> owned;
+  void* workspace = p.workspace;
+  if (!workspace) {
+    owned = DeviceBuffer<std::byte>(need, stream, allocator);
+    workspace = owned.data();
+  }
+  kd::LandmarkScoreWorkspace ws;
+  ws.group = group;
+  ws.partials = static_cast<float2*>(workspace);
+  ws.logits = reinterpret_cast<float*>(static_cast<std::byte*>(workspace) +
+                                       kd::LandmarkScoreWorkspace::partial_bytes(p.batch, p.num_kv_heads, group,
+                                                                                 p.max_landmarks));
+  SHADOWKV_DISPATCH_HEAD_DIM(p.head_dim, HD, [&] {
+    auto launch = [&]<int GB>() {
+      using L = kd::LogitsLayout<device_t<T>, HD, GB>;
+      constexpr auto kernel = kernels::landmark_logits_kernel<T, HD, GB>;
+      ws.tile_rows = L::kTileRows;
+      ws.num_tiles = (p.max_landmarks + ws.tile_rows - 1) / ws.tile_rows;
+      const int per_sm = landmark_launch::configure_kernel<kernel>(kd::kLogitsThreads, L::kSmemBytes);
+      const long long items = static_cast<long long>(ws.num_tiles) * p.num_kv_heads * head_blocks * p.batch;
+      const long long resident = static_cast<long long>(per_sm) * landmark_launch::device_info().sm_count;
+      const unsigned grid = static_cast<unsigned>(items < resident ? items : resident);
+      kernel<<<grid, kd::kLogitsThreads, L::kSmemBytes, stream>>>(p, ws);
+      SHADOWKV_CUDA_CHECK_LAUNCH();
+    };
+    switch (gb) {
+      case 1: launch.template operator()<1>(); break;
+      case 2: launch.template operator()<2>(); break;
+      case 4: launch.template operator()<4>(); break;
+      default: launch.template operator()<8>(); break;
+    }
+  });
+  const dim3 grid(static_cast<unsigned>((p.max_landmarks + kd::kNormalizeTile - 1) / kd::kNormalizeTile),
+                  static_cast<unsigned>(p.num_kv_heads), static_cast<unsigned>(p.batch));
+  kernels::landmark_normalize_kernel<T><<<grid, kd::kNormalizeThreads, 2 * group * sizeof(float), stream>>>(p, ws);
+  SHADOWKV_CUDA_CHECK_LAUNCH();
+}
+
+/// Top-`k` landmarks per (sequence, KV head) of `p.scores` into `p.selected` `[batch, H_kv,
+/// k]`: row (b, h) holds the `min(k, M_b)` indices of the highest scores in ascending order,
+/// then -1. Ties go to the lower index, NaN ranks last, -0 equals +0 — exactly
+/// `LandmarkIndex<CpuBackend, T>::select_top_k` on the same scores.
+///
+/// Throws `shadowkv::Error` naming the argument for k outside [1, kMaxTopK], bad shapes or a
+/// null pointer (before any CUDA call), and for a failed launch. Asynchronous on `stream`.
+inline void select_top_k(const TopKParams& p, cudaStream_t stream) {
+  SHADOWKV_CHECK(p.k >= 1 && p.k <= kMaxTopK, "k=", p.k, " must be in [1, ", kMaxTopK, "]");
+  SHADOWKV_CHECK(p.batch >= 0 && p.batch <= 65535, "batch=", p.batch, " must be in [0, 65535]");
+  SHADOWKV_CHECK(p.num_kv_heads > 0, "num_kv_heads=", p.num_kv_heads, " must be positive");
+  SHADOWKV_CHECK(p.max_landmarks >= 0, "max_landmarks=", p.max_landmarks, " must be >= 0");
+  SHADOWKV_CHECK(p.scores_capacity >= 0, "scores_capacity=", p.scores_capacity, " must be >= 0");
+  if (p.batch == 0) return;
+  SHADOWKV_CHECK(p.num_landmarks, "num_landmarks must be non-null");
+  SHADOWKV_CHECK(p.score_offsets, "score_offsets must be non-null");
+  SHADOWKV_CHECK(p.selected, "selected must be non-null");
+  SHADOWKV_CHECK(p.scores || p.max_landmarks == 0, "scores must be non-null");
+
+  // Few rows (a small batch): the widest CTA, since each row is one SM's work.
+  const landmark_launch::DeviceInfo dev = landmark_launch::device_info();
+  const long long rows = static_cast<long long>(p.batch) * p.num_kv_heads;
+  if (rows < dev.sm_count)
+    landmark_launch::launch_top_k<1024>(p, dev, stream);
+  else
+    landmark_launch::launch_top_k<512>(p, dev, stream);
+}
+
+}  // namespace shadowkv::cuda
