@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -162,8 +163,224 @@ void bm_shadowkv_attention(benchmark::State& state) {
   SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(w.stream));
 }
 
+/// A whole ShadowKV decode step of one layer from the ops, B sequences of `context` tokens
+/// (budget 2048 = 256 chunks of 8, 48 outlier + 4 local chunks, rank 160): landmark scoring,
+/// top-k, then
+///   mode 0 (all hits: every chunk's keys and values already resident — the value cache
+///          holds every chunk, the planner's largest capacity): attention straight away;
+///   mode 1 (all misses: a fresh query every step with capacity = budget): the keys of all
+///          256 selected chunks per head rebuilt with RoPE while their values are gathered
+///          from pinned host memory on a second stream, then attention.
+/// Not yet included: the device slot-table update that turns a selection into a miss list
+/// (mode 1 uses a precomputed list of 256 chunks per head), RoPE of q/k and the new token.
+void bm_shadowkv_step(benchmark::State& state) {
+  const int batch = static_cast<int>(state.range(0));
+  const long long context = state.range(1);
+  const bool all_miss = state.range(2) != 0;
+  constexpr int c = 8, k_sel = 256, rank = 160, outliers = 48, local = 4;
+  const long long indexed_chunks = context / c - local;
+  const int m = static_cast<int>(indexed_chunks - outliers);  // landmarks per head
+  const long long static_rows = outliers * c + (context - indexed_chunks * c);
+  cudaStream_t stream, side;
+  SHADOWKV_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  SHADOWKV_CUDA_CHECK(cudaStreamCreateWithFlags(&side, cudaStreamNonBlocking));
+  cudaEvent_t fork, join;
+  SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&fork, cudaEventDisableTiming));
+  SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&join, cudaEventDisableTiming));
+  auto fill = [&](D* p, std::size_t n, unsigned seed) {
+    fill_random<<<1024, 256, 0, stream>>>(p, n, seed);
+    SHADOWKV_CUDA_CHECK_LAUNCH();
+  };
+  const std::size_t heads = static_cast<std::size_t>(batch) * kHkv;
+  // Landmarks [B][H_kv, M, d] and the scoring/selection buffers.
+  skc::DeviceBuffer<D> landmarks(heads * m * kD, stream);
+  fill(landmarks.data(), landmarks.size(), 3u);
+  std::vector<const D*> lm_ptrs(batch);
+  std::vector<int> lm_counts(batch, m);
+  std::vector<long long> offsets(batch);
+  for (int b = 0; b < batch; ++b) {
+    lm_ptrs[b] = landmarks.data() + static_cast<std::size_t>(b) * kHkv * m * kD;
+    offsets[b] = static_cast<long long>(b) * kHkv * m;
+  }
+  skc::DeviceBuffer<const D*> d_lm_ptrs(batch, stream);
+  skc::DeviceBuffer<int> d_counts(batch, stream);
+  skc::DeviceBuffer<long long> d_offsets(batch, stream);
+  SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(d_lm_ptrs.data(), lm_ptrs.data(), batch * sizeof(D*), cudaMemcpyHostToDevice, stream));
+  SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(d_counts.data(), lm_counts.data(), batch * sizeof(int), cudaMemcpyHostToDevice, stream));
+  SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(d_offsets.data(), offsets.data(), batch * sizeof(long long), cudaMemcpyHostToDevice, stream));
+  skc::DeviceBuffer<float> scores(heads * m, stream);
+  skc::DeviceBuffer<std::int32_t> selected(heads * k_sel, stream);
+  std::vector<float> hq(static_cast<std::size_t>(batch) * kHq * kD);
+  std::mt19937 rng(11);
+  std::normal_distribution<float> dist;
+  for (auto& x : hq) x = dist(rng);
+  skc::DeviceBuffer<float> q(hq.size(), stream);
+  SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(q.data(), hq.data(), hq.size() * sizeof(float), cudaMemcpyHostToDevice, stream));
+  skc::LandmarkScoreParams<bf16> sp;
+  sp.queries = q.data();
+  sp.landmarks = reinterpret_cast<const bf16* const*>(d_lm_ptrs.data());
+  sp.num_landmarks = d_counts.data();
+  sp.score_offsets = d_offsets.data();
+  sp.scores = scores.data();
+  sp.scores_capacity = static_cast<long long>(scores.size());
+  sp.batch = batch;
+  sp.num_q_heads = kHq;
+  sp.num_kv_heads = kHkv;
+  sp.head_dim = kD;
+  sp.max_landmarks = m;
+  sp.scale = 0.0883883f;
+  skc::DeviceBuffer<unsigned char> score_ws(
+      skc::landmark_score_workspace_bytes(batch, kHq, kHkv, m, sp.scores_capacity), stream);
+  sp.workspace = score_ws.data();
+  sp.workspace_bytes = score_ws.size();
+  skc::TopKParams tp;
+  tp.scores = scores.data();
+  tp.num_landmarks = d_counts.data();
+  tp.score_offsets = d_offsets.data();
+  tp.scores_capacity = sp.scores_capacity;
+  tp.selected = selected.data();
+  tp.batch = batch;
+  tp.num_kv_heads = kHkv;
+  tp.k = k_sel;
+  tp.max_landmarks = m;
+
+  // Static rows and the slot pools (all hits: every chunk; all misses: 256 slots).
+  const long long pool_chunks = all_miss ? k_sel : m;
+  skc::DeviceBuffer<D> static_k(heads * static_rows * kD, stream), static_v(heads * static_rows * kD, stream);
+  skc::DeviceBuffer<D> slot_k(heads * pool_chunks * c * kD, stream), slot_v(heads * pool_chunks * c * kD, stream);
+  fill(static_k.data(), static_k.size(), 4u);
+  fill(static_v.data(), static_v.size(), 5u);
+  fill(slot_k.data(), slot_k.size(), 6u);
+  fill(slot_v.data(), slot_v.size(), 7u);
+  std::vector<int> iota(k_sel);
+  for (int i = 0; i < k_sel; ++i) iota[i] = i;
+  skc::DeviceBuffer<int> d_iota(k_sel, stream);
+  SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(d_iota.data(), iota.data(), k_sel * sizeof(int), cudaMemcpyHostToDevice, stream));
+  std::vector<skc::KVSegments<D>> segs(heads);
+  for (std::size_t i = 0; i < heads; ++i) {
+    skc::KVSegments<D>& sg = segs[i];
+    sg.static_k = static_k.data() + i * static_rows * kD;
+    sg.static_v = static_v.data() + i * static_rows * kD;
+    sg.static_rows = static_cast<int>(static_rows);
+    sg.slot_k = slot_k.data() + i * pool_chunks * c * kD;
+    sg.slot_v = slot_v.data() + i * pool_chunks * c * kD;
+    sg.slots = all_miss ? d_iota.data() : reinterpret_cast<const int*>(selected.data()) + i * k_sel;
+    sg.num_slots = k_sel;
+    sg.chunk_size = c;
+  }
+  skc::DeviceBuffer<skc::KVSegments<D>> d_segs(heads, stream);
+  SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(d_segs.data(), segs.data(), heads * sizeof(segs[0]), cudaMemcpyHostToDevice, stream));
+  const long long max_rows = static_rows + static_cast<long long>(k_sel) * c;
+  const auto plan = skc::plan_decode_attention(batch, kHq, kHkv, kD, max_rows);
+  skc::DeviceBuffer<unsigned char> attn_ws(plan.workspace_bytes, stream);
+  skc::DeviceBuffer<D> out(hq.size(), stream);
+
+  // The miss path (all misses): A and basis per sequence, host values, the miss list.
+  const long long a_rows = indexed_chunks * c;
+  skc::DeviceBuffer<D> a, basis;
+  skc::PinnedBuffer<D> host_values;
+  skc::DeviceBuffer<skc::RebuildKeysSequence<D>> rk_seqs;
+  skc::DeviceBuffer<skc::GatherValuesSequence<D>> gv_seqs;
+  skc::DeviceBuffer<skc::ChunkMiss> misses;
+  skc::DeviceBuffer<float> inv_freq;
+  skc::RebuildKeysParams<D> rk;
+  skc::GatherValuesParams<D> gv;
+  if (all_miss) {
+    a = skc::DeviceBuffer<D>(static_cast<std::size_t>(batch) * a_rows * rank, stream);
+    basis = skc::DeviceBuffer<D>(static_cast<std::size_t>(batch) * kHkv * rank * kD, stream);
+    fill(a.data(), a.size(), 8u);
+    fill(basis.data(), basis.size(), 9u);
+    host_values = skc::PinnedBuffer<D>(heads * static_cast<std::size_t>(m) * c * kD);
+    std::memset(host_values.data(), 0x3c, host_values.size() * sizeof(D));
+    std::vector<skc::RebuildKeysSequence<D>> rs(batch);
+    std::vector<skc::GatherValuesSequence<D>> gs(batch);
+    for (int b = 0; b < batch; ++b) {
+      rs[b] = {a.data() + static_cast<std::size_t>(b) * a_rows * rank, basis.data() + static_cast<std::size_t>(b) * kHkv * rank * kD,
+               slot_k.data() + static_cast<std::size_t>(b) * kHkv * k_sel * c * kD, a_rows, k_sel};
+      gs[b] = {host_values.device_data() + static_cast<std::size_t>(b) * kHkv * m * c * kD,
+               slot_v.data() + static_cast<std::size_t>(b) * kHkv * k_sel * c * kD, m, k_sel};
+    }
+    rk_seqs = skc::DeviceBuffer<skc::RebuildKeysSequence<D>>(batch, stream);
+    gv_seqs = skc::DeviceBuffer<skc::GatherValuesSequence<D>>(batch, stream);
+    SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(rk_seqs.data(), rs.data(), batch * sizeof(rs[0]), cudaMemcpyHostToDevice, stream));
+    SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(gv_seqs.data(), gs.data(), batch * sizeof(gs[0]), cudaMemcpyHostToDevice, stream));
+    std::vector<skc::ChunkMiss> ml;
+    std::uniform_int_distribution<int> chunk(0, m - 1);
+    for (int b = 0; b < batch; ++b)
+      for (int h = 0; h < kHkv; ++h)
+        for (int i = 0; i < k_sel; ++i) ml.push_back({b, h, chunk(rng), i});
+    misses = skc::DeviceBuffer<skc::ChunkMiss>(ml.size(), stream);
+    SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(misses.data(), ml.data(), ml.size() * sizeof(ml[0]), cudaMemcpyHostToDevice, stream));
+    const RopeTable table = make_rope_table(llama31_rope(), kD);
+    inv_freq = skc::DeviceBuffer<float>(table.inv_freq.size(), stream);
+    SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(inv_freq.data(), table.inv_freq.data(), table.inv_freq.size() * sizeof(float),
+                                        cudaMemcpyHostToDevice, stream));
+    rk.sequences = rk_seqs.data();
+    rk.num_sequences = batch;
+    rk.misses = misses.data();
+    rk.num_misses = static_cast<int>(ml.size());
+    rk.num_kv_heads = kHkv;
+    rk.head_dim = kD;
+    rk.rank = rank;
+    rk.chunk_size = c;
+    rk.rope = skc::make_rebuild_rope(table, inv_freq.data());
+    gv.sequences = gv_seqs.data();
+    gv.num_sequences = batch;
+    gv.misses = misses.data();
+    gv.num_misses = static_cast<int>(ml.size());
+    gv.num_kv_heads = kHkv;
+    gv.head_dim = kD;
+    gv.chunk_size = c;
+  }
+  SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+
+  auto step = [&] {
+    skc::score_landmarks(sp, stream);
+    skc::select_top_k(tp, stream);
+    if (all_miss) {
+      SHADOWKV_CUDA_CHECK(cudaEventRecord(fork, stream));
+      SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(side, fork));
+      skc::gather_values(gv, side);
+      skc::rebuild_keys(rk, stream);
+      SHADOWKV_CUDA_CHECK(cudaEventRecord(join, side));
+      SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(stream, join));
+    }
+    skc::decode_attention<D>(q.data(), d_segs.data(), out.data(), batch, kHq, kHkv, kD, 0.0883883f, max_rows, plan,
+                             attn_ws.data(), attn_ws.size(), stream);
+  };
+  step();
+  SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+  for (auto _ : state) {
+    EventTimer t(stream);
+    step();
+    state.SetIterationTime(t.seconds());
+  }
+  const double misses_n = all_miss ? static_cast<double>(heads) * k_sel : 0.0;
+  const double hbm = static_cast<double>(heads) * m * kD * 2                         // landmarks
+                     + 2.0 * heads * max_rows * kD * 2                                 // attention K, V
+                     + misses_n * c * (rank + 2.0 * kD) * 2 + (all_miss ? batch * kHkv * rank * kD * 2.0 : 0.0);
+  const double pcie = misses_n * c * kD * 2;
+  state.counters["hbm_bytes"] = hbm;
+  state.counters["pcie_bytes"] = pcie;
+  state.counters["hit_rate"] = all_miss ? 0.0 : 1.0;
+  state.counters["floor_ms"] = std::max(hbm / kHbmBytesPerSecond, pcie / 51.0e9) * 1e3;
+  SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+  (void)cudaEventDestroy(fork);
+  (void)cudaEventDestroy(join);
+  (void)cudaStreamDestroy(side);
+}
+
 }  // namespace
 
+BENCHMARK(bm_shadowkv_step)
+    ->ArgNames({"batch", "context", "all_miss"})
+    ->Args({8, 131072, 0})
+    ->Args({8, 131072, 1})
+    ->Args({1, 131072, 0})
+    ->Args({1, 131072, 1})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(0.2);
 BENCHMARK(bm_dense)
     ->ArgNames({"batch", "context"})
     ->Args({1, 131072})
