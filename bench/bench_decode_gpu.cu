@@ -291,7 +291,7 @@ void bm_shadowkv_step(benchmark::State& state) {
     fill(a.data(), a.size(), 8u);
     fill(basis.data(), basis.size(), 9u);
     host_values = skc::PinnedBuffer<D>(heads * static_cast<std::size_t>(m) * c * kD);
-    std::memset(host_values.data(), 0x3c, host_values.size() * sizeof(D));
+    std::memset(static_cast<void*>(host_values.data()), 0x3c, host_values.size() * sizeof(D));
     std::vector<skc::RebuildKeysSequence<D>> rs(batch);
     std::vector<skc::GatherValuesSequence<D>> gs(batch);
     for (int b = 0; b < batch; ++b) {

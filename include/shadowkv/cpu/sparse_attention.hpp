@@ -459,7 +459,11 @@ class SparseAttention<Policy, CpuBackend, T> {
     const index_t pos = st.length;
     const std::size_t sz = sizeof(T);
     // Rotate the query and the new key to the current position; append the new token.
-    std::vector<float> q(static_cast<std::size_t>(hq) * d), key(d);
+    // Scratch lives in the object: a decode step allocates nothing once warmed up.
+    std::vector<float>& q = scratch_.q;
+    std::vector<float>& key = scratch_.key;
+    q.resize(static_cast<std::size_t>(hq) * d);
+    key.resize(d);
     cpu::to_float(q_in, index_t{hq} * d, q.data());
     for (int j = 0; j < hq; ++j) rope_.apply(q.data() + j * d, pos);
     const std::size_t gen_old = st.gen_k.size();
@@ -481,12 +485,13 @@ class SparseAttention<Policy, CpuBackend, T> {
     step.hbm_bytes += 2 * static_cast<std::int64_t>(hkv) * (attended_static + n_gen) * d * sz;
 
     // Chunk selection.
-    std::vector<std::int32_t> selected;  // [H_kv, k], landmark indices
+    std::vector<std::int32_t>& selected = scratch_.selected;  // [H_kv, k], landmark indices
     index_t k_sel = 0;
     if constexpr (kSparse) {
       const index_t m = st.index->num_landmarks();
       k_sel = std::min<index_t>(config_.budget_chunks(), m);
-      std::vector<float> scores(static_cast<std::size_t>(hkv) * m);
+      std::vector<float>& scores = scratch_.scores;
+      scores.resize(static_cast<std::size_t>(hkv) * m);
       if constexpr (Policy::selection == ChunkSelection::landmarks) {
         st.index->score(TensorView<const float, 2>(q.data(), {hq, d}), config_.scale(),
                         TensorView<float, 2>(scores.data(), {hkv, m}));
@@ -509,10 +514,14 @@ class SparseAttention<Policy, CpuBackend, T> {
       step.hbm_bytes += 2 * static_cast<std::int64_t>(hkv) * k_sel * c * d * sz;
     }
 
-    std::vector<std::int32_t> slots(k_sel), missed;
-    std::vector<index_t> positions;
-    std::vector<float> rebuilt, attn_out(static_cast<std::size_t>(g) * d);
-    cpu::SegmentAttention<T> attn;
+    std::vector<std::int32_t>& slots = scratch_.slots;
+    std::vector<std::int32_t>& missed = scratch_.missed;
+    std::vector<index_t>& positions = scratch_.positions;
+    std::vector<float>& rebuilt = scratch_.rebuilt;
+    std::vector<float>& attn_out = scratch_.attn_out;
+    cpu::SegmentAttention<T>& attn = scratch_.attn;
+    slots.resize(k_sel);
+    attn_out.resize(static_cast<std::size_t>(g) * d);
     for (int h = 0; h < hkv; ++h) {
       attn.begin(q.data() + static_cast<std::size_t>(h) * g * d, g, d, config_.scale());
       const T* static_k = st.static_k.data() + h * st.static_tokens * d;
@@ -568,9 +577,18 @@ class SparseAttention<Policy, CpuBackend, T> {
            (static_cast<std::size_t>(h) * st.values->capacity() + slot) * chunk_elems();
   }
 
+  /// Buffers a decode step reuses (not per-sequence state; not counted by `memory()`).
+  struct DecodeScratch {
+    std::vector<float> q, key, scores, rebuilt, attn_out;
+    std::vector<std::int32_t> selected, slots, missed;
+    std::vector<index_t> positions;
+    cpu::SegmentAttention<T> attn;
+  };
+
   Config config_;
   int num_layers_;
   RopeTable rope_;
+  DecodeScratch scratch_;
   SeqMap seqs_;
   StepStats last_step_, totals_;
 };

@@ -48,8 +48,7 @@ inline DecodeAttentionPlan plan_decode_attention(int batch, int num_q_heads, int
                  " must be a positive multiple of num_kv_heads=", num_kv_heads);
   SHADOWKV_CHECK(detail::group_bound(num_q_heads / num_kv_heads) > 0, "num_q_heads/num_kv_heads=",
                  num_q_heads / num_kv_heads, " exceeds 16, the largest group the CUDA kernels support");
-  SHADOWKV_CHECK(head_dim == 64 || head_dim == 96 || head_dim == 128 || head_dim == 256, "head_dim=", head_dim,
-                 " is not supported by the CUDA kernels (supported: 64, 96, 128, 256)");
+  check_kernel_head_dim(head_dim);
   SHADOWKV_CHECK(max_rows >= 0, "max_rows=", max_rows, " must be >= 0");
   DecodeAttentionPlan plan;
   const long long groups = static_cast<long long>(batch) * num_kv_heads;

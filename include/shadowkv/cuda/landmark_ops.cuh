@@ -155,8 +155,7 @@ template <StorageType T>
 void score_landmarks(const LandmarkScoreParams<T>& p, cudaStream_t stream,
                      DeviceAllocator& allocator = default_allocator()) {
   landmark_launch::check_score_shapes(p.batch, p.num_q_heads, p.num_kv_heads, p.max_landmarks, p.scores_capacity);
-  SHADOWKV_CHECK(p.head_dim == 64 || p.head_dim == 96 || p.head_dim == 128 || p.head_dim == 256,
-                 "head_dim=", p.head_dim, " is not supported by the CUDA kernels (supported: 64, 96, 128, 256)");
+  check_kernel_head_dim(p.head_dim);
   SHADOWKV_CHECK(std::isfinite(p.scale), "scale=", p.scale, " must be finite");
   const std::size_t need =
       landmark_score_workspace_bytes(p.batch, p.num_q_heads, p.num_kv_heads, p.max_landmarks, p.scores_capacity);

@@ -80,8 +80,7 @@ inline RebuildRope make_rebuild_rope(const RopeTable& table, const float* inv_fr
 template <class D>
 void check_rebuild_keys_params(const RebuildKeysParams<D>& p) {
   static_assert(detail::is_kernel_storage_type_v<D>, "D must be float, __nv_bfloat16 or __half");
-  SHADOWKV_CHECK(p.head_dim == 64 || p.head_dim == 96 || p.head_dim == 128 || p.head_dim == 256, "head_dim=",
-                 p.head_dim, " is not supported by the CUDA kernels (supported: 64, 96, 128, 256)");
+  check_kernel_head_dim(p.head_dim);
   SHADOWKV_CHECK(p.num_kv_heads > 0, "num_kv_heads=", p.num_kv_heads, " must be positive");
   SHADOWKV_CHECK(p.rank >= 1 && static_cast<long long>(p.rank) <= static_cast<long long>(p.num_kv_heads) * p.head_dim,
                  "rank=", p.rank, " must be in [1, num_kv_heads*head_dim=",
