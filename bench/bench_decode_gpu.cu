@@ -154,6 +154,16 @@ void bm_dense(benchmark::State& state) {
   SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(w.stream));
 }
 
+/// The dense kernel with a forced split count (`range(2)`), for tuning `plan_decode_attention`.
+void bm_dense_splits(benchmark::State& state) {
+  Workload w;
+  setup(w, static_cast<int>(state.range(0)), state.range(1), 0, 0);
+  w.plan = skc::plan_decode_attention_with_splits(w.batch, kHq, kHkv, kD, w.max_rows, static_cast<int>(state.range(2)));
+  w.ws = skc::DeviceBuffer<unsigned char>(w.plan.workspace_bytes, w.stream);
+  run(state, w);
+  SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(w.stream));
+}
+
 /// ShadowKV's attention at budget 2048: static 48 outlier chunks + 32 local rows, 256 selected
 /// chunks of 8, and `range(1)` generated rows.
 void bm_shadowkv_attention(benchmark::State& state) {
@@ -370,6 +380,83 @@ void bm_shadowkv_step(benchmark::State& state) {
   (void)cudaStreamDestroy(side);
 }
 
+/// The composed `SparseAttention<Policy, CudaBackend, bf16>::decode` of one layer — the whole
+/// step an engine calls: RoPE of q/k, append, scoring, top-k, the device slot-table update,
+/// value gather ∥ key rebuild for the misses, attention — for B sequences of `context` tokens
+/// prefilled with random pre-RoPE keys and values through the real build path (Gram +
+/// eigensolve, landmarks, outliers, offload). mode 0: the same query every step with the
+/// paper's value pool (capacity = budget); the query still rotates with its position, so the
+/// selection drifts and some chunks miss; mode 1: a fresh random query every step (hits near
+/// 0: the PCIe-bound case); mode 2: the same query with a value cache of 4x the budget (the
+/// drifted chunks stay resident: every chunk a hit, the HBM-bound case). Counters from the
+/// object's own byte accounting (`totals()` over the timed steps).
+template <class Policy>
+void bm_sparse_attention_decode(benchmark::State& state) {
+  const int batch = static_cast<int>(state.range(0));
+  const long long context = state.range(1);
+  const bool fresh = state.range(2) == 1;
+  Config cfg;  // Llama-3.1-8B attention shapes, the paper's ShadowKV defaults
+  cfg.rope = llama31_rope();
+  if (state.range(2) == 2) cfg.value_cache_chunks = 4 * cfg.budget_chunks();
+  cudaStream_t stream;
+  SHADOWKV_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  {
+    SparseAttention<Policy, CudaBackend, bf16> attn(cfg, 1);
+    const long long kv = static_cast<long long>(kHkv) * kD;
+    constexpr long long kPrefillChunk = 16384;
+    skc::DeviceBuffer<D> pk(kPrefillChunk * kv, stream), pv(kPrefillChunk * kv, stream);
+    std::vector<SeqId> ids;
+    unsigned seed = 100;
+    for (int b = 0; b < batch; ++b) {
+      attn.add_sequence(b);
+      ids.push_back(b);
+      for (long long t0 = 0; t0 < context; t0 += kPrefillChunk) {
+        const long long n = std::min(kPrefillChunk, context - t0);
+        fill_random<<<1024, 256, 0, stream>>>(pk.data(), n * kv, seed++);
+        fill_random<<<1024, 256, 0, stream>>>(pv.data(), n * kv, seed++);
+        SHADOWKV_CUDA_CHECK_LAUNCH();
+        attn.prefill(b, 0, {}, TensorView<const bf16, 3>(reinterpret_cast<const bf16*>(pk.data()), {n, kHkv, kD}),
+                     TensorView<const bf16, 3>(reinterpret_cast<const bf16*>(pv.data()), {n, kHkv, kD}), {}, stream);
+      }
+      attn.finish_prefill(b, stream);
+    }
+    constexpr int kQueries = 32;  // fresh: cycled through, never two alike in a row
+    const std::size_t q_elems = static_cast<std::size_t>(batch) * kHq * kD;
+    const std::size_t kv_elems = static_cast<std::size_t>(batch) * kHkv * kD;
+    skc::DeviceBuffer<D> qs(q_elems * kQueries, stream), k_new(kv_elems, stream), v_new(kv_elems, stream),
+        out(q_elems, stream);
+    fill_random<<<1024, 256, 0, stream>>>(qs.data(), qs.size(), 7u);
+    fill_random<<<1024, 256, 0, stream>>>(k_new.data(), kv_elems, 8u);
+    fill_random<<<1024, 256, 0, stream>>>(v_new.data(), kv_elems, 9u);
+    SHADOWKV_CUDA_CHECK_LAUNCH();
+    int step_no = 0;
+    auto step = [&] {
+      const D* q = qs.data() + (fresh ? (step_no++ % kQueries) * q_elems : 0);
+      attn.decode(0, ids, TensorView<const bf16, 3>(reinterpret_cast<const bf16*>(q), {batch, kHq, kD}),
+                  TensorView<const bf16, 3>(reinterpret_cast<const bf16*>(k_new.data()), {batch, kHkv, kD}),
+                  TensorView<const bf16, 3>(reinterpret_cast<const bf16*>(v_new.data()), {batch, kHkv, kD}),
+                  TensorView<bf16, 3>(reinterpret_cast<bf16*>(out.data()), {batch, kHq, kD}), stream);
+    };
+    for (int i = 0; i < 8; ++i) step();  // warm-up: the first step misses everything
+    SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+    attn.reset_stats();
+    for (auto _ : state) {
+      EventTimer t(stream);
+      step();
+      state.SetIterationTime(t.seconds());
+    }
+    const StepStats s = attn.totals();
+    const double steps = static_cast<double>(std::max<std::int64_t>(1, s.tokens / batch));
+    const double hbm = s.hbm_bytes / steps, pcie = s.pcie_bytes / steps;
+    state.counters["hbm_bytes"] = hbm;
+    state.counters["pcie_bytes"] = pcie;
+    state.counters["hit_rate"] = s.pool.requested ? s.pool.hit_rate() : 1.0;
+    state.counters["floor_ms"] = std::max(hbm / kHbmBytesPerSecond, pcie / 51.0e9) * 1e3;
+    SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  (void)cudaStreamDestroy(stream);
+}
+
 }  // namespace
 
 BENCHMARK(bm_shadowkv_step)
@@ -381,6 +468,22 @@ BENCHMARK(bm_shadowkv_step)
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond)
     ->MinTime(0.2);
+BENCHMARK(bm_sparse_attention_decode<ShadowKVPolicy>)
+    ->Name("bm_decode_step/shadowkv")
+    ->ArgNames({"batch", "context", "mode"})
+    ->Args({8, 131072, 0})
+    ->Args({8, 131072, 1})
+    ->Args({8, 131072, 2})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(100);  // one call: the prefill of the batch is not repeated
+BENCHMARK(bm_sparse_attention_decode<DensePolicy>)
+    ->Name("bm_decode_step/dense")
+    ->ArgNames({"batch", "context", "mode"})
+    ->Args({8, 131072, 0})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(100);  // one call: the prefill of the batch is not repeated
 BENCHMARK(bm_dense)
     ->ArgNames({"batch", "context"})
     ->Args({1, 131072})
@@ -391,6 +494,13 @@ BENCHMARK(bm_dense)
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond)
     ->MinTime(0.2);
+BENCHMARK(bm_dense_splits)
+    ->ArgNames({"batch", "context", "splits"})
+    ->ArgsProduct({{8}, {131072}, {8, 12, 16, 17, 24, 33, 40, 48, 66}})
+    ->ArgsProduct({{1}, {131072}, {32, 64, 99, 128, 192, 256}})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(0.1);
 BENCHMARK(bm_shadowkv_attention)
     ->ArgNames({"batch", "generated"})
     ->Args({1, 0})

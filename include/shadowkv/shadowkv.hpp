@@ -9,6 +9,7 @@
 #include "core/memory_plan.hpp"
 #include "core/policy.hpp"
 #include "core/rope.hpp"
+#include "core/stats.hpp"
 #include "core/tensor.hpp"
 #include "cpu/landmark_index.hpp"
 #include "cpu/low_rank_key_store.hpp"

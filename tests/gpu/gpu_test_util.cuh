@@ -61,6 +61,20 @@ class DeviceBuffer {
   std::size_t size_ = 0;
 };
 
+/// A non-blocking stream (no implicit sync with the legacy default stream), destroyed on exit.
+class Stream {
+ public:
+  Stream() { SHADOWKV_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+  ~Stream() { (void)cudaStreamDestroy(stream_); }
+  cudaStream_t get() const { return stream_; }
+  void sync() const { SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
+
+ private:
+  cudaStream_t stream_ = nullptr;
+};
+
 }  // namespace skv_gpu_test
 
 /// First statement of every GPU test case: returns (the case then passes, and ctest reports

@@ -1,6 +1,9 @@
-// The split-K decode attention kernel against the CPU backend's attention (cpu::SegmentAttention)
+// The split-K decode attention kernels against the CPU backend's attention (cpu::SegmentAttention)
 // on fresh random inputs: ragged batches, every head dim, G from 1 to 16, all three segment kinds,
-// empty segments, and sizes that need many splits.
+// empty segments, and sizes that need many splits. float runs the CUDA-core kernel; bf16 and
+// fp16 run the tensor-core kernel (16-row tiles per warp, 16 MMA rows of query heads), so its
+// cases also cover G that is not a power of two, chunk sizes that straddle tiles and splits,
+// and rows that are not multiples of the tile.
 
 #include <numeric>
 
@@ -35,10 +38,11 @@ struct Problem {
   long long max_rows = 0;
 };
 
+/// `chunk_size` 0 draws one from 1..8.
 template <class T>
 Problem<T> make_problem(std::mt19937_64& rng, int batch, int hq, int hkv, int d, int max_static, int max_gen,
-                        int max_selected) {
-  Problem<T> p{batch, hq, hkv, d, 1 + static_cast<int>(rng() % 8), {}, {}, {}, {}, 0};
+                        int max_selected, int chunk_size = 0) {
+  Problem<T> p{batch, hq, hkv, d, chunk_size > 0 ? chunk_size : 1 + static_cast<int>(rng() % 8), {}, {}, {}, {}, 0};
   auto reserve = [&](std::size_t n) {
     const std::size_t off = p.k_arena.size();
     const auto k = skv_test::random_vector<T>(rng, n), v = skv_test::random_vector<T>(rng, n);
@@ -155,8 +159,10 @@ std::vector<T> run_gpu(const Problem<T>& p, float scale) {
   return out.download();
 }
 
+/// `chunk_size` 0 draws one from 1..8.
 template <class T>
-void check_case(std::uint64_t seed, int batch, int hq, int hkv, int d, int max_static, int max_gen, int max_selected) {
+void check_case(std::uint64_t seed, int batch, int hq, int hkv, int d, int max_static, int max_gen, int max_selected,
+                int chunk_size = 0) {
   CAPTURE(seed);
   CAPTURE(batch);
   CAPTURE(hq);
@@ -164,11 +170,15 @@ void check_case(std::uint64_t seed, int batch, int hq, int hkv, int d, int max_s
   CAPTURE(d);
   CAPTURE(dtype_name<T>());
   std::mt19937_64 rng(seed);
-  const Problem<T> p = make_problem<T>(rng, batch, hq, hkv, d, max_static, max_gen, max_selected);
+  const Problem<T> p = make_problem<T>(rng, batch, hq, hkv, d, max_static, max_gen, max_selected, chunk_size);
+  CAPTURE(p.c);
   CAPTURE(p.max_rows);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   const std::vector<T> want = reference(p, scale), got = run_gpu(p, scale);
-  // Per query head: relative norm error against the CPU result, both rounded to T.
+  // Per query head: relative norm error against the CPU result, both rounded to T. The 16-bit
+  // kernel also rounds the scaled queries and the softmax weights to T (as FlashAttention does):
+  // simulated on the CPU for these inputs (N(0, 1) logits), that gives up to ~6e-3 for bf16 and
+  // ~7e-4 for fp16 over thousands of heads, inside these bounds.
   const double tol = std::is_same_v<T, float> ? 1e-5 : (std::is_same_v<T, bf16> ? 1e-2 : 2e-3);
   for (std::size_t h = 0; h < want.size() / d; ++h) {
     std::vector<double> a(d), b(d);
@@ -198,6 +208,43 @@ TEST_CASE("gpu_decode_attention: random ragged batches, every head dim, G from 1
     }
 }
 
+TEST_CASE("gpu_decode_attention: 16-bit tensor-core path, every head dim, G in {1, 2, 3, 4, 8, 12, 16}") {
+  SKV_REQUIRE_GPU();
+  const auto base = skv_test::test_seed();
+  const int dims[] = {64, 96, 128, 256};
+  const int groups[] = {1, 2, 3, 4, 8, 12, 16};
+  // Chunk sizes below, at and above the 16-row tile (0 draws one from 1..8).
+  const int chunks[] = {0, 1, 5, 16, 23, 40};
+  int trial = 0;
+  for (int d : dims)
+    for (int g : groups) {
+      const auto seed = base + 1000 + trial;
+      const int hkv = 1 + trial % 3;  // 1, 2 or 3 KV heads
+      const int c = chunks[trial % 6];
+      ++trial;
+      // Ragged: static 0..300 rows, 0..12 chunks, 0..20 generated rows per (sequence, head).
+      check_case<bf16>(seed, 3, g * hkv, hkv, d, 300, 20, 12, c);
+      check_case<fp16>(seed, 2, g * hkv, hkv, d, 300, 20, 12, c);
+      // One segment kind at a time.
+      check_case<bf16>(seed + 1, 2, g * hkv, hkv, d, 200, 0, 0);
+      check_case<fp16>(seed + 2, 2, g * hkv, hkv, d, 0, 0, 20, c);
+      check_case<bf16>(seed + 3, 2, g * hkv, hkv, d, 0, 40, 0);
+    }
+}
+
+TEST_CASE("gpu_decode_attention: 16-bit tiny and edge row counts (1, tile - 1, tile + 1)") {
+  SKV_REQUIRE_GPU();
+  const auto seed = skv_test::test_seed();
+  for (int rows : {1, 15, 16, 17, 63, 64, 65}) {
+    CAPTURE(rows);
+    // Only static rows: max_static draws 0..rows, so batches mix these with shorter ones.
+    check_case<bf16>(seed + rows, 4, 8, 2, 128, rows, 0, 0);
+    check_case<fp16>(seed + rows, 4, 12, 1, 64, 0, rows, 0);
+    check_case<bf16>(seed + rows, 4, 6, 2, 96, 0, 0, 1, rows);  // one selected chunk of `rows` rows
+  }
+  check_case<fp16>(seed, 5, 16, 4, 256, 3, 1, 1, 1);  // tiny, often all-empty (writes zeros)
+}
+
 TEST_CASE("gpu_decode_attention: empty segments and a sequence with no rows") {
   SKV_REQUIRE_GPU();
   const auto seed = skv_test::test_seed();
@@ -212,6 +259,10 @@ TEST_CASE("gpu_decode_attention: long rows need many splits (dense-like)") {
   check_case<bf16>(seed, 2, 32, 8, 128, 40000, 300, 0);
   check_case<float>(seed, 1, 8, 1, 256, 70000, 0, 0);
   check_case<bf16>(seed, 3, 32, 8, 128, 3000, 200, 256);  // ShadowKV-like: static + 256 chunks + generated
+  check_case<fp16>(seed, 2, 32, 8, 128, 40000, 300, 0);
+  check_case<bf16>(seed, 1, 8, 2, 256, 50000, 100, 0);
+  check_case<fp16>(seed, 2, 24, 2, 96, 20000, 50, 64, 37);  // G = 12, chunks of 37 across splits
+  check_case<bf16>(seed, 1, 3, 1, 64, 1000, 100, 700, 48);  // G = 3, mostly long chunks
 }
 
 TEST_CASE("gpu_decode_attention: invalid shapes throw naming them, before any CUDA call") {

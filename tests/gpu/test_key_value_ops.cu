@@ -54,18 +54,7 @@ bool all_bytes(const T* p, std::size_t count, unsigned char byte) {
   return std::all_of(b, b + count * sizeof(T), [byte](unsigned char x) { return x == byte; });
 }
 
-class Stream {
- public:
-  Stream() { SHADOWKV_CUDA_CHECK(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking)); }
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
-  ~Stream() { (void)cudaStreamDestroy(stream_); }
-  cudaStream_t get() const { return stream_; }
-  void sync() const { SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream_)); }
-
- private:
-  cudaStream_t stream_ = nullptr;
-};
+using Stream = skv_gpu_test::Stream;
 
 template <class T>
 std::unique_ptr<DeviceBuffer<T>> upload(const std::vector<T>& h) {

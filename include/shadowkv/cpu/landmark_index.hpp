@@ -86,7 +86,7 @@ class LandmarkIndex<CpuBackend, T> {
 
     outlier_ids_.assign(static_cast<std::size_t>(num_kv_heads_) * num_outliers_, 0);
     landmark_ids_.assign(static_cast<std::size_t>(num_kv_heads_) * m, 0);
-    landmarks_.assign(static_cast<std::size_t>(num_kv_heads_) * m * head_dim_, T{});
+    landmarks_.assign(static_cast<std::size_t>(num_kv_heads_) * m * head_dim_, static_cast<T>(0.0f));
     std::vector<std::int32_t> order(n_chunks);
     std::vector<char> is_outlier(n_chunks);
     std::vector<float> mean(head_dim_);

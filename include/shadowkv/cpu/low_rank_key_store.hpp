@@ -153,7 +153,7 @@ class LowRankKeyStore<CpuBackend, T> {
 
   /// `basis` `[H_kv*d, r]` (columns orthonormal) -> `basis_` `[H_kv, r, d]` in T.
   void set_basis(const Eigen::MatrixXd& basis) {
-    basis_.assign(static_cast<std::size_t>(num_kv_heads_) * rank_ * head_dim_, T{});
+    basis_.assign(static_cast<std::size_t>(num_kv_heads_) * rank_ * head_dim_, static_cast<T>(0.0f));
     for (int h = 0; h < num_kv_heads_; ++h)
       for (int j = 0; j < rank_; ++j)
         for (int x = 0; x < head_dim_; ++x)

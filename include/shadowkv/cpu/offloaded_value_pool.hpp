@@ -11,34 +11,11 @@
 
 #include "../core/backend.hpp"
 #include "../core/error.hpp"
+#include "../core/stats.hpp"
 #include "../core/tensor.hpp"
 #include "eigen_util.hpp"
 
 namespace shadowkv {
-
-/// Hit/miss counts of an `OffloadedValuePool` (or of a whole decode step).
-struct PoolStats {
-  std::int64_t requested = 0;     ///< chunks asked for
-  std::int64_t hits = 0;          ///< already resident: nothing copied
-  std::int64_t misses = 0;        ///< copied host -> device
-  std::int64_t bytes_copied = 0;  ///< host -> device bytes
-  double hit_rate() const { return requested ? static_cast<double>(hits) / requested : 0.0; }
-  PoolStats& operator+=(const PoolStats& o) {
-    requested += o.requested;
-    hits += o.hits;
-    misses += o.misses;
-    bytes_copied += o.bytes_copied;
-    return *this;
-  }
-  /// The counts between two snapshots.
-  friend PoolStats operator-(PoolStats a, const PoolStats& b) {
-    a.requested -= b.requested;
-    a.hits -= b.hits;
-    a.misses -= b.misses;
-    a.bytes_copied -= b.bytes_copied;
-    return a;
-  }
-};
 
 /// Values of the landmark chunks of one layer of one sequence. Host storage is chunk-major
 /// `[H_kv, num_chunks, c, d]` (chunk `m` of head `h` is landmark `m` of the
@@ -62,8 +39,8 @@ class OffloadedValuePool<CpuBackend, T> {
     SHADOWKV_CHECK(num_chunks >= 0, "num_chunks=", num_chunks, " must be >= 0");
     SHADOWKV_CHECK(capacity >= 1, "capacity=", capacity, " must be positive");
     const std::size_t heads = static_cast<std::size_t>(num_kv_heads);
-    host_.assign(heads * num_chunks * chunk_elems(), T{});
-    slots_.assign(heads * capacity * chunk_elems(), T{});
+    host_.assign(heads * num_chunks * chunk_elems(), static_cast<T>(0.0f));
+    slots_.assign(heads * capacity * chunk_elems(), static_cast<T>(0.0f));
     slot_chunk_.assign(heads * capacity, -1);
     slot_last_used_.assign(heads * capacity, -1);
     chunk_slot_.assign(heads * num_chunks, -1);

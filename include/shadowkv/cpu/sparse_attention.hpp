@@ -16,6 +16,7 @@
 #include "../core/error.hpp"
 #include "../core/policy.hpp"
 #include "../core/rope.hpp"
+#include "../core/stats.hpp"
 #include "../core/tensor.hpp"
 #include "attention.hpp"
 #include "eigen_util.hpp"
@@ -24,31 +25,6 @@
 #include "offloaded_value_pool.hpp"
 
 namespace shadowkv {
-
-/// Identifier of a sequence, chosen by the caller.
-using SeqId = std::int64_t;
-
-/// What a decode step (or a run of them) read and moved, as the CUDA backend would:
-/// `hbm_bytes` read or written in device memory, `pcie_bytes` copied host -> device.
-struct StepStats {
-  std::int64_t tokens = 0;  ///< (sequence, layer) pairs decoded
-  std::int64_t hbm_bytes = 0;
-  std::int64_t pcie_bytes = 0;
-  PoolStats pool;  ///< chunk hits and misses (ShadowKV only)
-  StepStats& operator+=(const StepStats& o) {
-    tokens += o.tokens;
-    hbm_bytes += o.hbm_bytes;
-    pcie_bytes += o.pcie_bytes;
-    pool += o.pool;
-    return *this;
-  }
-};
-
-/// Bytes one sequence holds now, split as the CUDA backend would place them.
-struct MemoryUsage {
-  std::size_t device_bytes = 0;  ///< HBM with the CUDA backend
-  std::size_t host_bytes = 0;    ///< pinned host memory with the CUDA backend
-};
 
 /// Attention of a multi-layer model over a ragged batch of sequences with a policy.
 ///
@@ -397,7 +373,7 @@ class SparseAttention<Policy, CpuBackend, T> {
         st.keys->append(TensorView<const T, 3>(staged.staged_k_pre.data(), {indexed, hkv, d}));
         const int capacity = std::max(config_.resolved_value_cache_chunks(), 1);
         st.values.emplace(hkv, d, c, m, capacity);
-        st.key_slots.assign(static_cast<std::size_t>(hkv) * capacity * chunk_elems(), T{});
+        st.key_slots.assign(static_cast<std::size_t>(hkv) * capacity * chunk_elems(), static_cast<T>(0.0f));
         std::vector<T> chunk(chunk_elems());
         for (int h = 0; h < hkv; ++h) {
           const auto ids = st.index->landmark_chunk_ids(h);

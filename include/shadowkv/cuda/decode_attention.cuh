@@ -25,21 +25,45 @@ struct DecodeAttentionPlan {
 };
 
 namespace detail {
-inline constexpr int kDecodeWarps = 4;
-inline constexpr long long kRowsGranule = kDecodeWarps * 8;  // warps x rows per warp step (at most)
+inline constexpr int kDecodeWarps = 4;  // warps of both split kernels
+/// Rows per split are a multiple of this: the tensor-core kernel's 4 warps x 16-row tiles (and
+/// a multiple of the float kernel's 4 warps x 8 rows per step).
+inline constexpr long long kRowsGranule = kDecodeWarps * 16;
 inline constexpr long long kMinRowsPerSplit = 256;
-inline constexpr long long kTargetCtas = 1056;  // ~8 per SM on a 132-SM H200
+/// CTAs of the tensor-core kernel resident at once on an H200 (2 per SM x 132 SMs at d <= 128),
+/// and the grid size aimed at: about 4 such waves, so that the tail of the last wave is short.
+inline constexpr long long kResidentCtas = 264;
+inline constexpr long long kTargetCtas = 4 * kResidentCtas;
 
 inline int group_bound(int group) {
   for (int g : {1, 2, 4, 8, 16})
     if (group <= g) return g;
   return 0;
 }
+
+/// Rows per split for `splits` splits of `max_rows` rows, rounded up to the granule.
+inline long long rows_for_splits(long long max_rows, long long splits) {
+  const long long rows = std::max<long long>(1, (max_rows + splits - 1) / splits);
+  return (rows + kRowsGranule - 1) / kRowsGranule * kRowsGranule;
+}
+
+inline DecodeAttentionPlan make_plan(int batch, int num_q_heads, int head_dim, long long max_rows,
+                                     long long rows_per_split) {
+  DecodeAttentionPlan plan;
+  plan.rows_per_split = rows_per_split;
+  plan.num_splits = static_cast<int>(std::max<long long>(1, (max_rows + rows_per_split - 1) / rows_per_split));
+  const std::size_t heads = static_cast<std::size_t>(batch) * num_q_heads;
+  plan.workspace_bytes = heads * plan.num_splits * (static_cast<std::size_t>(head_dim) + 2) * sizeof(float);
+  return plan;
+}
 }  // namespace detail
 
-/// Validates the shapes and picks the split: enough CTAs to fill the GPU (about 8 per SM)
-/// without splits shorter than 256 rows. `max_rows` bounds `KVSegments::total_rows()` over the
-/// batch (sequences with fewer rows leave their last splits empty).
+/// Validates the shapes and picks the split: at least `kTargetCtas` CTAs (about four waves of
+/// the tensor-core kernel on an H200) when the rows allow splits of 256 rows or more, choosing
+/// among the next few split counts the first whose CTAs fill the last wave to 95% or more (the
+/// fullest otherwise): in a dense batch every CTA holds the same rows, so a nearly empty last
+/// wave would run at a fraction of the bandwidth. `max_rows` bounds `KVSegments::total_rows()` over
+/// the batch (sequences with fewer rows leave their last splits empty).
 inline DecodeAttentionPlan plan_decode_attention(int batch, int num_q_heads, int num_kv_heads, int head_dim,
                                                  long long max_rows) {
   SHADOWKV_CHECK(batch > 0, "batch=", batch, " must be positive");
@@ -50,34 +74,61 @@ inline DecodeAttentionPlan plan_decode_attention(int batch, int num_q_heads, int
                  num_q_heads / num_kv_heads, " exceeds 16, the largest group the CUDA kernels support");
   check_kernel_head_dim(head_dim);
   SHADOWKV_CHECK(max_rows >= 0, "max_rows=", max_rows, " must be >= 0");
-  DecodeAttentionPlan plan;
   const long long groups = static_cast<long long>(batch) * num_kv_heads;
   const long long wanted = std::max<long long>(1, (detail::kTargetCtas + groups - 1) / groups);
   const long long most = std::max<long long>(1, (max_rows + detail::kMinRowsPerSplit - 1) / detail::kMinRowsPerSplit);
-  const long long splits = std::min(wanted, most);
-  long long rows = std::max<long long>(1, (max_rows + splits - 1) / splits);
-  rows = (rows + detail::kRowsGranule - 1) / detail::kRowsGranule * detail::kRowsGranule;
-  plan.rows_per_split = rows;
-  plan.num_splits = static_cast<int>(std::max<long long>(1, (max_rows + rows - 1) / rows));
-  const std::size_t heads = static_cast<std::size_t>(batch) * num_q_heads;
-  plan.workspace_bytes = heads * plan.num_splits * (static_cast<std::size_t>(head_dim) + 2) * sizeof(float);
-  return plan;
+  long long best_rows = detail::rows_for_splits(max_rows, std::min(wanted, most));
+  if (wanted < most) {
+    double best_fill = -1.0;
+    const long long last = std::min(most, wanted + wanted / 4 + 1);
+    for (long long s = wanted; s <= last; ++s) {
+      const long long rows = detail::rows_for_splits(max_rows, s);
+      const long long ctas = groups * std::max<long long>(1, (max_rows + rows - 1) / rows);
+      const long long waves = (ctas + detail::kResidentCtas - 1) / detail::kResidentCtas;
+      const double fill = static_cast<double>(ctas) / static_cast<double>(waves * detail::kResidentCtas);
+      if (fill > best_fill + 1e-9) {
+        best_fill = fill;
+        best_rows = rows;
+      }
+      if (fill >= 0.95) break;
+    }
+  }
+  return detail::make_plan(batch, num_q_heads, head_dim, max_rows, best_rows);
+}
+
+/// A plan with `num_splits` splits (rows per split rounded up to the kernels' granule of 64),
+/// for tuning and benchmarks; `decode_attention` accepts it like the default plan.
+inline DecodeAttentionPlan plan_decode_attention_with_splits(int batch, int num_q_heads, int num_kv_heads,
+                                                             int head_dim, long long max_rows, int num_splits) {
+  (void)plan_decode_attention(batch, num_q_heads, num_kv_heads, head_dim, max_rows);  // validates the shapes
+  SHADOWKV_CHECK(num_splits >= 1, "num_splits=", num_splits, " must be positive");
+  return detail::make_plan(batch, num_q_heads, head_dim, max_rows, detail::rows_for_splits(max_rows, num_splits));
 }
 
 /// Attention of `queries` `[batch, H_q, d]` (float, post-RoPE, device) over `segments`
-/// `[batch * H_kv]` (device) into `out` `[batch, H_q, d]` (device). `workspace` holds at least
-/// `plan.workspace_bytes` (from `plan_decode_attention` with the same shapes and `max_rows`).
-/// Asynchronous on `stream`; nothing is synchronised.
+/// `[batch * H_kv]` (device) into `out` `[batch, H_q, d]` (device). `plan` comes from
+/// `plan_decode_attention` (or `plan_decode_attention_with_splits`) with the same shapes and
+/// `max_rows`; `workspace` holds at least `plan.workspace_bytes`.
+/// Asynchronous on `stream`; nothing is synchronised. bf16 and fp16 storage run the
+/// tensor-core kernel, which rounds the scaled queries and the softmax weights to `D` before
+/// the MMAs (as FlashAttention does; accumulation stays in float); float storage runs the
+/// CUDA-core kernel, all in float.
 template <class D>
 void decode_attention(const float* queries, const KVSegments<D>* segments, D* out, int batch, int num_q_heads,
                       int num_kv_heads, int head_dim, float scale, long long max_rows,
                       const DecodeAttentionPlan& plan, void* workspace, std::size_t workspace_bytes,
                       cudaStream_t stream) {
-  const DecodeAttentionPlan check = plan_decode_attention(batch, num_q_heads, num_kv_heads, head_dim, max_rows);
-  SHADOWKV_CHECK(plan.num_splits == check.num_splits && plan.rows_per_split == check.rows_per_split,
-                 "plan does not match the shapes (num_splits=", plan.num_splits, ", expected ", check.num_splits, ")");
-  SHADOWKV_CHECK(workspace_bytes >= check.workspace_bytes, "workspace_bytes=", workspace_bytes, " < required ",
-                 check.workspace_bytes);
+  (void)plan_decode_attention(batch, num_q_heads, num_kv_heads, head_dim, max_rows);  // validates the shapes
+  SHADOWKV_CHECK(plan.num_splits >= 1 && plan.rows_per_split >= detail::kRowsGranule &&
+                     plan.rows_per_split % detail::kRowsGranule == 0,
+                 "plan (num_splits=", plan.num_splits, ", rows_per_split=", plan.rows_per_split,
+                 ") is not a plan: rows_per_split must be a positive multiple of ", detail::kRowsGranule);
+  SHADOWKV_CHECK(static_cast<long long>(plan.num_splits) * plan.rows_per_split >= max_rows, "plan (num_splits=",
+                 plan.num_splits, ", rows_per_split=", plan.rows_per_split, ") does not cover max_rows=", max_rows);
+  SHADOWKV_CHECK(plan.num_splits <= 65535, "plan has num_splits=", plan.num_splits, " > 65535");
+  const std::size_t required = static_cast<std::size_t>(batch) * num_q_heads * plan.num_splits *
+                               (static_cast<std::size_t>(head_dim) + 2) * sizeof(float);
+  SHADOWKV_CHECK(workspace_bytes >= required, "workspace_bytes=", workspace_bytes, " < required ", required);
   SHADOWKV_CHECK(queries && segments && out && workspace, "queries, segments, out and workspace must be non-null");
   SHADOWKV_CHECK(std::isfinite(scale) && scale > 0.0f, "scale=", scale, " must be finite and positive");
   DecodeAttentionParams<D> p;
@@ -94,27 +145,42 @@ void decode_attention(const float* queries, const KVSegments<D>* segments, D* ou
   p.partial_acc = static_cast<float*>(workspace);
   p.partial_ml = p.partial_acc + heads * plan.num_splits * head_dim;
   const int group = num_q_heads / num_kv_heads;
+  const dim3 grid(plan.num_splits, static_cast<unsigned>(batch * num_kv_heads));
+  constexpr int W = detail::kDecodeWarps;
   SHADOWKV_DISPATCH_HEAD_DIM(head_dim, HD, [&] {
-    auto launch = [&]<int GMAX>() {
-      constexpr int W = detail::kDecodeWarps;
-      auto* kernel = kernels::decode_attention_split_kernel<D, HD, GMAX, W>;
-      const std::size_t smem = static_cast<std::size_t>(W) * GMAX * (HD + 2) * sizeof(float);
-      if (smem > 48 * 1024)
-        SHADOWKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                 static_cast<int>(smem)));
-      const dim3 grid(plan.num_splits, static_cast<unsigned>(batch * num_kv_heads));
+    if constexpr (sizeof(D) == 2) {
+      // bf16 / fp16: the tensor-core kernel (any G <= 16: query heads are MMA rows).
+      auto* kernel = kernels::decode_attention_mma_kernel<D, HD, W>;
+      constexpr std::size_t smem = kernels::mma_decode_smem_bytes<HD, W>();
+      SHADOWKV_CUDA_CHECK(
+          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+      // All of the unified L1/shared space as shared memory: two CTAs per SM at d <= 128 need
+      // about 210 KB, and the copies bypass L1 (cp.async.cg).
+      SHADOWKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                               cudaSharedmemCarveoutMaxShared));
       kernel<<<grid, W * 32, smem, stream>>>(p, group);
       SHADOWKV_CUDA_CHECK_LAUNCH();
-      kernels::decode_attention_combine_kernel<D, HD><<<static_cast<unsigned>(heads), HD, 0, stream>>>(p);
-      SHADOWKV_CUDA_CHECK_LAUNCH();
-    };
-    switch (detail::group_bound(group)) {
-      case 1: launch.template operator()<1>(); break;
-      case 2: launch.template operator()<2>(); break;
-      case 4: launch.template operator()<4>(); break;
-      case 8: launch.template operator()<8>(); break;
-      default: launch.template operator()<16>(); break;
+    } else {
+      // float: the CUDA-core kernel, its register arrays sized by G rounded up to a power of 2.
+      auto launch = [&]<int GMAX>() {
+        auto* kernel = kernels::decode_attention_split_kernel<D, HD, GMAX, W>;
+        const std::size_t smem = static_cast<std::size_t>(W) * GMAX * (HD + 2) * sizeof(float);
+        if (smem > 48 * 1024)
+          SHADOWKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                   static_cast<int>(smem)));
+        kernel<<<grid, W * 32, smem, stream>>>(p, group);
+        SHADOWKV_CUDA_CHECK_LAUNCH();
+      };
+      switch (detail::group_bound(group)) {
+        case 1: launch.template operator()<1>(); break;
+        case 2: launch.template operator()<2>(); break;
+        case 4: launch.template operator()<4>(); break;
+        case 8: launch.template operator()<8>(); break;
+        default: launch.template operator()<16>(); break;
+      }
     }
+    kernels::decode_attention_combine_kernel<D, HD><<<static_cast<unsigned>(heads), HD, 0, stream>>>(p);
+    SHADOWKV_CUDA_CHECK_LAUNCH();
   });
 }
 

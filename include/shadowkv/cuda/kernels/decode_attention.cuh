@@ -2,11 +2,16 @@
 /// \file cuda/kernels/decode_attention.cuh
 /// \brief Split-K (flash-decoding) attention of one decode token per sequence over the rows of
 /// a `KVSegments` set: static rows, selected chunks in device slots, generated rows. The same
-/// kernel serves `DensePolicy` (static = the whole cache) and `ShadowKVPolicy`.
+/// kernels serve `DensePolicy` (static = the whole cache) and `ShadowKVPolicy`: a tensor-core
+/// kernel for 16-bit storage (`decode_attention_mma_kernel`), a CUDA-core one for float
+/// (`decode_attention_split_kernel`); both write the same partials, merged by
+/// `decode_attention_combine_kernel`.
 
 #include <cuda_runtime.h>
 
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #include "../../device/softmax.hpp"
@@ -103,6 +108,32 @@ __device__ __forceinline__ void row_pointers(const KVSegments<D>& s, long long r
   row -= selected;
   k = s.gen_k + row * s.gen_stride;
   v = s.gen_v + row * s.gen_stride;
+}
+
+/// The end of both split kernels: merges the `kWarps` per-warp partials that sit in shared
+/// memory (`s_acc` `[kWarps][kRowStride][HD]`, `s_ml` `[kWarps][kRowStride][2]` holding
+/// `(m, l)` with `m` in natural-log units) and writes one `(m, l, acc)` per query head of the
+/// group to the split's slot of the workspace. Called by every thread after a barrier.
+template <int HD, int kRowStride, int kWarps, class D>
+__device__ __forceinline__ void store_split_partials(const DecodeAttentionParams<D>& p, const float* s_acc,
+                                                     const float* s_ml, int b, int h, int group, int split) {
+  for (int idx = threadIdx.x; idx < group * HD; idx += kWarps * 32) {
+    const int g = idx / HD, e = idx % HD;
+    device::SoftmaxState st = device::empty_softmax_state();
+    float a = 0.0f;
+    for (int w = 0; w < kWarps; ++w) {
+      float sa, sb;
+      const device::SoftmaxState other{s_ml[(w * kRowStride + g) * 2], s_ml[(w * kRowStride + g) * 2 + 1]};
+      st = device::merge_softmax_state(st, other, sa, sb);
+      a = a * sa + s_acc[(w * kRowStride + g) * HD + e] * sb;
+    }
+    const long long qh = static_cast<long long>(b) * p.num_q_heads + h * group + g;
+    p.partial_acc[(qh * p.num_splits + split) * HD + e] = a;
+    if (e == 0) {
+      p.partial_ml[(qh * p.num_splits + split) * 2] = st.m;
+      p.partial_ml[(qh * p.num_splits + split) * 2 + 1] = st.l;
+    }
+  }
 }
 
 /// Grid `(num_splits, batch * H_kv)`, `kWarps` warps. Each CTA reads the rows
@@ -285,23 +316,374 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
   __syncthreads();
-  for (int idx = threadIdx.x; idx < group * HD; idx += kWarps * 32) {
-    const int g = idx / HD, e = idx % HD;
-    device::SoftmaxState st = device::empty_softmax_state();
-    float a = 0.0f;
-    for (int w = 0; w < kWarps; ++w) {
-      float sa, sb;
-      const device::SoftmaxState other{s_ml[(w * GMAX + g) * 2], s_ml[(w * GMAX + g) * 2 + 1]};
-      st = device::merge_softmax_state(st, other, sa, sb);
-      a = a * sa + s_acc[(w * GMAX + g) * HD + e] * sb;
+  store_split_partials<HD, GMAX, kWarps>(p, s_acc, s_ml, b, h, group, split);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tensor-core path for 16-bit storage (bf16, fp16): the PTX wrappers it needs, its shapes, the
+// kernel. Fragment layouts follow the PTX ISA ("Matrix Fragments for mma.m16n8k16 with
+// floating point type", "ldmatrix"); `qr` = lane / 4 ("groupID") and `qc` = lane % 4
+// ("threadID_in_group") below.
+
+/// PTX wrappers of the tensor-core path (a namespace of their own: other kernel families have
+/// similar helpers).
+namespace decode_mma {
+
+/// Shared-state-space address of a generic pointer into shared memory.
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+/// 16-byte asynchronous copy global -> shared that bypasses L1 (`.cg`: every row is read
+/// once). `src_bytes` = 0 reads nothing and writes 16 zero bytes (rows past the split end).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+/// Waits until at most `N` of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+/// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, and lane `x`
+/// receives (row x/4, columns 2(x%4), 2(x%4)+1) of each matrix in `r[i]`.
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+/// As `ldmatrix_x4`, transposed: lane `x` receives (rows 2(x%4), 2(x%4)+1, column x/4).
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr)
+               : "memory");
+}
+
+/// `c += a * b` on the tensor cores: a 16x16 (row-major fragment), b 16x8 (column-major
+/// fragment), c 16x8 float.
+template <class D>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<D, __nv_bfloat16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    static_assert(std::is_same_v<D, __half>, "the tensor-core path takes bf16 or fp16 storage");
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+/// Two floats rounded to `D` in one 32-bit fragment register, `lo` in the low half (the lower
+/// column index of a fragment pair).
+template <class D>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  uint32_t u;
+  if constexpr (std::is_same_v<D, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    memcpy(&u, &v, sizeof(u));
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    memcpy(&u, &v, sizeof(u));
+  }
+  return u;
+}
+
+/// 2^x with the special-function unit (2^-inf = 0).
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+/// A pointer broadcast from lane `src` of the warp (all lanes take part).
+template <class T>
+__device__ __forceinline__ const T* shfl_pointer(const T* ptr, int src) {
+  return reinterpret_cast<const T*>(
+      __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(ptr), src));
+}
+
+}  // namespace decode_mma
+
+/// Shapes of the tensor-core kernel for head dim `HD` (16-bit storage).
+template <int HD>
+struct MmaDecodeShape {
+  /// Keys a warp handles per step: the k of one P·V MMA, two n8 tiles of S = Q·Kᵀ.
+  static constexpr int kTileRows = 16;
+  /// Bytes of one row in shared memory: padded by 16 bytes so that the 8 rows one ldmatrix
+  /// matrix reads at the same column fall into 8 different 16-byte bank groups.
+  static constexpr int kRowPitch = HD * 2 + 16;
+  static constexpr int kTileBytes = kTileRows * kRowPitch;  ///< one K (or V) tile
+  /// Tiles in each warp's ring: about 24 KB of K and V per warp for d <= 128 (two CTAs per
+  /// SM), 48 KB for d = 256 (one CTA per SM).
+  static constexpr int kStages = HD <= 64 ? 6 : (HD <= 96 ? 4 : 3);
+  static constexpr int kChunksPerRow = HD * 2 / 16;  ///< 16-byte copies per row
+  static constexpr int kChunksPerLane = kTileRows * kChunksPerRow / 32;
+  static_assert(HD % 16 == 0 && kTileRows * kChunksPerRow % 32 == 0, "head dim must be a multiple of 16");
+};
+
+/// Dynamic shared memory of `decode_attention_mma_kernel<D, HD, kWarps>`: the warps' rings,
+/// reused at the end for the per-warp partials `[kWarps][16][HD + 2]` floats.
+template <int HD, int kWarps>
+constexpr std::size_t mma_decode_smem_bytes() {
+  using S = MmaDecodeShape<HD>;
+  const std::size_t rings = static_cast<std::size_t>(kWarps) * S::kStages * 2 * S::kTileBytes;
+  const std::size_t partials = static_cast<std::size_t>(kWarps) * 16 * (HD + 2) * sizeof(float);
+  return rings > partials ? rings : partials;
+}
+
+/// Tensor-core split kernel for 16-bit storage: the same grid `(num_splits, batch * H_kv)`,
+/// rows per split and partials `(m, l, acc)` as `decode_attention_split_kernel`, `kWarps`
+/// warps.
+///
+/// Design (FlashAttention-2 adapted to one query token per sequence): the `G <= 16` query
+/// heads of the group are the 16 rows of the MMA's A operand (rows >= G are zero); Q is read
+/// once, pre-scaled by `scale * log2(e)` and kept in registers as A fragments (k = head dim).
+/// The split's rows are cut into 16-row tiles dealt round-robin to the warps (warp `w` takes
+/// tiles `w, w + kWarps, ...`); each warp streams its tiles through its own ring of
+/// `kStages` K/V tiles in shared memory with 16-byte `cp.async` copies, `kStages - 1` tiles
+/// in flight while it computes one. A row's source address follows the segments (static rows
+/// contiguous; slot chunks through `slots[]`; generated rows `gen_stride` apart): a tile wholly
+/// inside the static rows is one contiguous block; otherwise lane `i` of the warp locates row
+/// `i` and the lanes copying that row take its address by shuffle. Rows past the split end
+/// are zero-filled (src-size 0) and their logits set to -inf. Per tile: S (16 heads x 16 keys)
+/// = Q·Kᵀ with `mma.m16n8k16` (K fragments by `ldmatrix`, fp32 accumulators); an online
+/// softmax per head row in registers (base 2; a row's max reduced over the 4 lanes of a quad);
+/// P, rounded to D, is formed from the S accumulators in place as the A operand of P·V (V
+/// fragments by `ldmatrix.trans`), accumulated into fp32 O fragments `[16 x HD]`. No block
+/// barrier until the end: the rings are private to their warps (`cp.async.wait_group`, then
+/// `__syncwarp`, orders a tile's copies before its reads and a slot's reads before its next
+/// copies). At the end the warps' (m, l, O) meet in shared memory (reusing the rings) and
+/// merge into one partial per query head.
+///
+/// Performance: the floor is the K and V bytes, `2 * rows * HD * sizeof(D)` per (sequence,
+/// KV head), at HBM bandwidth (≈ 4 TB/s on the H200); the partials add
+/// `batch * H_q * num_splits * (HD + 2) * 4` bytes. Per 16 keys a warp issues `HD / 8`
+/// MMAs for S and `HD / 8` for P·V (about 16 FLOP per byte of K and V, far under the tensor
+/// cores' rate), so the kernel is bound by the bytes in flight: each warp keeps
+/// `(kStages - 1) * 16 * HD * 4` bytes of K and V requested (16 KB at d = 128), 128 KB per SM.
+template <class D, int HD, int kWarps>
+__global__ void __launch_bounds__(kWarps * 32)
+    decode_attention_mma_kernel(const DecodeAttentionParams<D> p, int group) {
+  static_assert(sizeof(D) == 2, "the tensor-core path takes 16-bit storage");
+  using namespace decode_mma;
+  using Shape = MmaDecodeShape<HD>;
+  constexpr int kRows = Shape::kTileRows;
+  constexpr int kPitch = Shape::kRowPitch;
+  constexpr int kStages = Shape::kStages;
+  constexpr int kTileBytes = Shape::kTileBytes;
+  constexpr int kStageBytes = 2 * kTileBytes;  // K tile, then V tile
+  constexpr int kChunksPerRow = Shape::kChunksPerRow;
+  constexpr int kElemsPerChunk = 16 / static_cast<int>(sizeof(D));
+  constexpr int kKSteps = HD / 16;  // k steps of S = Q·Kᵀ
+  constexpr int kNTiles = HD / 8;   // n8 tiles of O
+  constexpr float kLog2e = 1.4426950408889634f, kLn2 = 0.6931471805599453f;
+  constexpr unsigned kFull = 0xffffffffu;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // cp.async, ldmatrix and bf16 mma need sm_80 or newer
+#else
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int qr = lane / 4, qc = lane % 4;
+  const int seq_head = blockIdx.y;  // b * H_kv + h
+  const int split = blockIdx.x;
+  const int b = seq_head / p.num_kv_heads, h = seq_head % p.num_kv_heads;
+  const KVSegments<D> seg = p.segments[seq_head];
+  const long long total = seg.total_rows();
+  const long long row_begin = static_cast<long long>(split) * p.rows_per_split;
+  const long long row_end = min(total, row_begin + p.rows_per_split);
+
+  // O fragments: o[n] holds (row qr, dims 8n + 2qc, +1) in [0], [1] and row qr + 8 in [2], [3].
+  // m and l per row (qr, qr + 8), in base-2 units; l sums this lane's columns only until the end.
+  float o[kNTiles][4];
+#pragma unroll
+  for (int n = 0; n < kNTiles; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+
+  extern __shared__ __align__(16) unsigned char mma_smem[];
+  const uint32_t ring = shared_address(mma_smem) + static_cast<uint32_t>(warp * kStages * kStageBytes);
+
+  const long long warp_stride = static_cast<long long>(kWarps) * kRows;
+  const long long first_row = row_begin + static_cast<long long>(warp) * kRows;
+  const int num_tiles =
+      first_row < row_end ? static_cast<int>((row_end - first_row + warp_stride - 1) / warp_stride) : 0;
+
+  // Issues the copies of this warp's tile `tile` into ring slot `slot` (warp-uniform call).
+  // Copy `c` of a tile (lane + 32 i) is row c / kChunksPerRow, bytes 16 (c % kChunksPerRow):
+  // a warp instruction covers 512 consecutive bytes of a contiguous tile.
+  auto load_tile = [&](int tile, int slot) {
+    const long long row0 = first_row + static_cast<long long>(tile) * warp_stride;
+    const uint32_t k_dst = ring + static_cast<uint32_t>(slot * kStageBytes), v_dst = k_dst + kTileBytes;
+    if (row0 + kRows <= row_end && row0 + kRows <= seg.static_rows) {
+      // The common case (dense attention: every tile but the last): one contiguous block.
+      const D* ks = seg.static_k + row0 * HD;
+      const D* vs = seg.static_v + row0 * HD;
+#pragma unroll
+      for (int i = 0; i < Shape::kChunksPerLane; ++i) {
+        const int c = lane + 32 * i;
+        const uint32_t off = (c / kChunksPerRow) * kPitch + (c % kChunksPerRow) * 16;
+        cp_async_16(k_dst + off, ks + c * kElemsPerChunk, 16);
+        cp_async_16(v_dst + off, vs + c * kElemsPerChunk, 16);
+      }
+    } else {
+      // Lane i (and i + 16) locates row row0 + i; nullptr past the split end. Row row0 is
+      // always inside the split, so its address is a valid source for the zero-fills.
+      const long long row = row0 + lane % kRows;
+      const D* k_row = nullptr;
+      const D* v_row = nullptr;
+      if (row < row_end) row_pointers(seg, row, HD, k_row, v_row);
+      const D* k_first = shfl_pointer(k_row, 0);
+#pragma unroll
+      for (int i = 0; i < Shape::kChunksPerLane; ++i) {
+        const int c = lane + 32 * i, r = c / kChunksPerRow, col = c % kChunksPerRow;
+        const D* kp = shfl_pointer(k_row, r);
+        const D* vp = shfl_pointer(v_row, r);
+        const uint32_t off = r * kPitch + col * 16;
+        const bool valid = kp != nullptr;
+        cp_async_16(k_dst + off, valid ? kp + col * kElemsPerChunk : k_first, valid ? 16 : 0);
+        cp_async_16(v_dst + off, valid ? vp + col * kElemsPerChunk : k_first, valid ? 16 : 0);
+      }
     }
-    const long long qh = static_cast<long long>(b) * p.num_q_heads + h * group + g;
-    p.partial_acc[(qh * p.num_splits + split) * HD + e] = a;
-    if (e == 0) {
-      p.partial_ml[(qh * p.num_splits + split) * 2] = st.m;
-      p.partial_ml[(qh * p.num_splits + split) * 2 + 1] = st.l;
+  };
+
+  // This lane's ldmatrix row addresses within a tile. K (non-transposed, B of S): matrices
+  // (keys 0-7, dims +0), (keys 0-7, dims +8), (keys 8-15, dims +0), (keys 8-15, dims +8) give
+  // the two b registers of n-tiles 0 and 1. V (transposed, B of P·V): matrices (keys 0-7,
+  // dims +0), (keys 8-15, dims +0), (keys 0-7, dims +8), (keys 8-15, dims +8) give the two b
+  // registers of two consecutive n8 tiles of O.
+  const uint32_t k_lane = ((lane / 16) * 8 + lane % 8) * kPitch + ((lane / 8) % 2) * 16;
+  const uint32_t v_lane = (((lane / 8) % 2) * 8 + lane % 8) * kPitch + (lane / 16) * 16;
+
+  // One commit per prologue slot and per iteration, empty or not, so that "tile t landed" is
+  // always "at most kStages - 2 groups pending" at iteration t.
+#pragma unroll
+  for (int t = 0; t < kStages - 1; ++t) {
+    if (t < num_tiles) load_tile(t, t);
+    cp_async_commit();
+  }
+  // Q as A fragments (read while the first tiles are in flight): qa[kk] covers head dims
+  // [16 kk, 16 kk + 16); rows qr and qr + 8 are query heads h * group + row, zero past the group.
+  uint32_t qa[kKSteps][4];
+  {
+    const float qscale = p.scale * kLog2e;
+    const float* q = p.queries + (static_cast<long long>(b) * p.num_q_heads + static_cast<long long>(h) * group) * HD;
+    auto at = [&](int row, int col) { return row < group ? q[row * HD + col] * qscale : 0.0f; };
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      const int col = kk * 16 + 2 * qc;
+      qa[kk][0] = pack_pair<D>(at(qr, col), at(qr, col + 1));
+      qa[kk][1] = pack_pair<D>(at(qr + 8, col), at(qr + 8, col + 1));
+      qa[kk][2] = pack_pair<D>(at(qr, col + 8), at(qr, col + 9));
+      qa[kk][3] = pack_pair<D>(at(qr + 8, col + 8), at(qr + 8, col + 9));
     }
   }
+  int slot = 0;  // tile % kStages
+  for (int tile = 0; tile < num_tiles; ++tile) {
+    cp_async_wait<kStages - 2>();
+    __syncwarp();  // every lane's copies of this tile visible; every lane done reading slot - 1
+    {
+      const int ahead = tile + kStages - 1;  // lands in slot (tile - 1) % kStages, read last iteration
+      if (ahead < num_tiles) load_tile(ahead, slot == 0 ? kStages - 1 : slot - 1);
+      cp_async_commit();
+    }
+    const uint32_t k_tile = ring + static_cast<uint32_t>(slot * kStageBytes), v_tile = k_tile + kTileBytes;
+
+    // S = Q·Kᵀ: s[j] is n-tile j (keys 8j..8j+7); [0], [1] row qr, [2], [3] row qr + 8, keys
+    // 8j + 2qc, +1.
+    float s[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+#pragma unroll
+    for (int kk = 0; kk < kKSteps; ++kk) {
+      uint32_t kb[4];
+      ldmatrix_x4(kb, k_tile + k_lane + kk * 32);
+      mma_16816<D>(s[0], qa[kk], kb[0], kb[1]);
+      mma_16816<D>(s[1], qa[kk], kb[2], kb[3]);
+    }
+    const long long row0 = first_row + static_cast<long long>(tile) * warp_stride;
+    if (row0 + kRows > row_end) {  // the split's last tile: keys past the end score -inf
+      const int valid = static_cast<int>(row_end - row0);
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 0; e < 4; ++e)
+          if (j * 8 + 2 * qc + (e & 1) >= valid) s[j][e] = -INFINITY;
+    }
+
+    // Online softmax per row r (qr + 8r): new max over the quad, rescale, exponentiate.
+    float corr[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = fmaxf(fmaxf(s[0][2 * r], s[0][2 * r + 1]), fmaxf(s[1][2 * r], s[1][2 * r + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 2));
+      const float m_new = fmaxf(m[r], mx);
+      const float base = m_new == -INFINITY ? 0.0f : m_new;  // no (-inf) - (-inf)
+      corr[r] = exp2_approx(m[r] - base);                    // 0 while m was -inf
+      m[r] = m_new;
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int e = 2 * r; e < 2 * r + 2; ++e) {
+          s[j][e] = exp2_approx(s[j][e] - base);
+          sum += s[j][e];
+        }
+      l[r] = l[r] * corr[r] + sum;
+    }
+    if (__any_sync(kFull, corr[0] != 1.0f || corr[1] != 1.0f)) {  // rare once the max settles
+#pragma unroll
+      for (int n = 0; n < kNTiles; ++n) {
+        o[n][0] *= corr[0];
+        o[n][1] *= corr[0];
+        o[n][2] *= corr[1];
+        o[n][3] *= corr[1];
+      }
+    }
+
+    // P as the A operand (rows = heads, k = the tile's 16 keys), straight from S's layout.
+    const uint32_t pa[4] = {pack_pair<D>(s[0][0], s[0][1]), pack_pair<D>(s[0][2], s[0][3]),
+                            pack_pair<D>(s[1][0], s[1][1]), pack_pair<D>(s[1][2], s[1][3])};
+#pragma unroll
+    for (int nn = 0; nn < HD / 16; ++nn) {
+      uint32_t vb[4];
+      ldmatrix_x4_trans(vb, v_tile + v_lane + nn * 32);
+      mma_16816<D>(o[2 * nn], pa, vb[0], vb[1]);
+      mma_16816<D>(o[2 * nn + 1], pa, vb[2], vb[3]);
+    }
+    slot = slot + 1 == kStages ? 0 : slot + 1;
+  }
+  cp_async_wait<0>();  // only empty groups can remain; drain them before the space is reused
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] += __shfl_xor_sync(kFull, l[r], 1);
+    l[r] += __shfl_xor_sync(kFull, l[r], 2);
+  }
+
+  // Merge the warps through shared memory, reusing the rings once every warp is done.
+  __syncthreads();
+  float* s_acc = reinterpret_cast<float*>(mma_smem);  // [kWarps][16][HD]
+  float* s_ml = s_acc + kWarps * 16 * HD;              // [kWarps][16][2]
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int row = qr + 8 * r;
+    if (row >= group) continue;
+    float* dst = s_acc + (warp * 16 + row) * HD + 2 * qc;
+#pragma unroll
+    for (int n = 0; n < kNTiles; ++n)
+      *reinterpret_cast<float2*>(dst + 8 * n) = make_float2(o[n][2 * r], o[n][2 * r + 1]);
+    if (qc == 0) {
+      s_ml[(warp * 16 + row) * 2] = m[r] * kLn2;  // natural-log units, as the partials hold
+      s_ml[(warp * 16 + row) * 2 + 1] = l[r];
+    }
+  }
+  __syncthreads();
+  store_split_partials<HD, 16, kWarps>(p, s_acc, s_ml, b, h, group, split);
+#endif
 }
 
 /// Grid `batch * H_q`, `HD` threads (one per output element): merges the splits' partials

@@ -26,6 +26,12 @@ struct RebuildKeysSequence {
   D* key_slots = nullptr;    ///< `[H_kv, capacity, c, d]`
   long long num_rows = 0;    ///< rows of A; chunk m can be rebuilt when (m + 1) * c <= num_rows
   int capacity = 0;          ///< key slots per head
+  /// Optional `[H_kv, num_chunk_ids]`: when non-null, a miss's `chunk` is an index into its
+  /// head's row (a landmark index, as the value pool numbers chunks) and the chunk rebuilt is
+  /// `chunk_ids[kv_head * num_chunk_ids + chunk]` (its position in the prompt); when null the
+  /// miss's `chunk` is the prompt chunk itself.
+  const std::int32_t* chunk_ids = nullptr;
+  long long num_chunk_ids = 0;
 };
 
 /// RoPE of the rebuilt keys: a `RopeTable` (core/rope.hpp) with its frequencies on the
@@ -373,13 +379,18 @@ __global__ void __launch_bounds__(RebuildTile<D, HD>::kThreads, RebuildTile<D, H
       const ChunkMiss m = p.misses[batch_begin + i];
       bool valid = m.seq >= 0 && m.seq < p.num_sequences && m.kv_head >= 0 && m.kv_head < p.num_kv_heads &&
                    m.chunk >= 0 && m.slot >= 0;
+      int chunk = m.chunk;
       if (valid) {
         const RebuildKeysSequence<D>& s = p.sequences[m.seq];
-        valid = s.a != nullptr && s.basis != nullptr && s.key_slots != nullptr && m.slot < s.capacity &&
-                (static_cast<long long>(m.chunk) + 1) * c <= s.num_rows;
+        if (s.chunk_ids) {
+          valid = chunk < s.num_chunk_ids;
+          if (valid) chunk = s.chunk_ids[static_cast<long long>(m.kv_head) * s.num_chunk_ids + chunk];
+        }
+        valid = valid && chunk >= 0 && s.a != nullptr && s.basis != nullptr && s.key_slots != nullptr &&
+                m.slot < s.capacity && (static_cast<long long>(chunk) + 1) * c <= s.num_rows;
       }
       if (!valid && p.maybe_num_invalid) atomicAdd(p.maybe_num_invalid, 1);
-      s_miss[i] = valid ? make_int4(m.seq, m.kv_head, m.chunk, m.slot) : make_int4(-1, -1, -1, -1);
+      s_miss[i] = valid ? make_int4(m.seq, m.kv_head, chunk, m.slot) : make_int4(-1, -1, -1, -1);
     }
     __syncthreads();
 
