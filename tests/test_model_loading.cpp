@@ -21,20 +21,8 @@ TEST_SUITE_BEGIN("model_loading");
 
 namespace {
 
-bool contains(const std::string& what, const std::string& needle) {
-  return what.find(needle) != std::string::npos;
-}
-
-/// Checks that `fn` throws a shadowkv::Error whose message holds every needle.
-template <class F>
-void check_error(F&& fn, std::initializer_list<std::string> needles) {
-  const std::string what = error_message(fn);
-  CAPTURE(what);
-  for (const std::string& n : needles) {
-    CAPTURE(n);
-    CHECK(contains(what, n));
-  }
-}
+using skv_test::check_error;
+using skv_test::contains;
 
 template <class T>
 std::vector<T> random_values(std::mt19937_64& rng, std::size_t n) {

@@ -22,19 +22,8 @@ namespace {
 
 using Ids = std::vector<token_id>;
 
-bool contains(const std::string& what, const std::string& needle) {
-  return what.find(needle) != std::string::npos;
-}
-
-template <class F>
-void check_error(F&& fn, std::initializer_list<std::string> needles) {
-  const std::string what = error_message(fn);
-  CAPTURE(what);
-  for (const std::string& n : needles) {
-    CAPTURE(n);
-    CHECK(contains(what, n));
-  }
-}
+using skv_test::check_error;
+using skv_test::contains;
 
 /// GPT-2's byte alphabet, written here from its definition (independently of unicode.hpp):
 /// printable Latin-1 bytes stand for themselves, the others take U+0100, U+0101, ... in order.

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <initializer_list>
 #include <random>
 #include <string>
 #include <vector>
@@ -52,6 +53,21 @@ std::string error_message(F&& fn) {
     return e.what();
   }
   return "(no throw)";
+}
+
+inline bool contains(const std::string& what, const std::string& needle) {
+  return what.find(needle) != std::string::npos;
+}
+
+/// Checks that `fn` throws a `shadowkv::Error` whose message holds every needle.
+template <class F>
+void check_error(F&& fn, std::initializer_list<std::string> needles) {
+  const std::string what = error_message(fn);
+  CAPTURE(what);
+  for (const std::string& n : needles) {
+    CAPTURE(n);
+    CHECK(contains(what, n));
+  }
 }
 
 template <class T>
