@@ -92,6 +92,17 @@ RandomModel write_random_model(const std::filesystem::path& dir, const Shape& s,
   return m;
 }
 
+/// A random model written to a temporary folder and loaded back (config + weights).
+struct LoadedModel {
+  TempDir dir;
+  Shape s;
+  ModelConfig cfg;
+  WeightStore store;
+  LoadedModel(std::uint64_t seed, const Shape& shape)
+      : s(shape), cfg((write_random_model(dir.path(), s, seed), load_model_config(dir.path()))),
+        store(dir.path()) {}
+};
+
 // --- the float64 reference forward -------------------------------------------------------------
 
 /// y [n, out] = x [n, in] Wᵀ (+ b), W [out, in] as stored.
@@ -232,12 +243,12 @@ TEST_CASE("decoder: a two-layer forward (prefill and decode) matches a float64 r
 TEST_CASE("decoder: dense, ShadowKV and oracle at full rank with budget >= context give the same greedy tokens") {
   const std::uint64_t seed = skv_test::test_seed();
   CAPTURE(seed);
-  TempDir dir;
-  Shape s;
-  s.tied = true;
-  write_random_model(dir.path(), s, seed);
-  const ModelConfig cfg = load_model_config(dir.path());
-  const WeightStore store(dir.path());
+  Shape shape;
+  shape.tied = true;
+  const LoadedModel m(seed, shape);
+  const Shape& s = m.s;
+  const ModelConfig& cfg = m.cfg;
+  const WeightStore& store = m.store;
   std::mt19937_64 rng(seed + 2);
   const std::vector<token_id> prompt = random_tokens(rng, 61, s.vocab);
   GenerationOptions opt;
@@ -267,11 +278,10 @@ TEST_CASE("decoder: dense, ShadowKV and oracle at full rank with budget >= conte
 TEST_CASE("decoder: chunked prefill equals one-shot prefill") {
   const std::uint64_t seed = skv_test::test_seed();
   CAPTURE(seed);
-  TempDir dir;
-  Shape s;
-  write_random_model(dir.path(), s, seed);
-  const ModelConfig cfg = load_model_config(dir.path());
-  const WeightStore store(dir.path());
+  const LoadedModel m(seed, Shape{});
+  const Shape& s = m.s;
+  const ModelConfig& cfg = m.cfg;
+  const WeightStore& store = m.store;
   std::mt19937_64 rng(seed + 3);
   const std::vector<token_id> prompt = random_tokens(rng, 83, s.vocab);
   Config knobs = cfg.attention_config();  // real sparsity: rank 32, budget 32, 1 outlier, 2 local
@@ -308,11 +318,10 @@ TEST_CASE("decoder: chunked prefill equals one-shot prefill") {
 TEST_CASE("decoder: batched decode equals one sequence at a time") {
   const std::uint64_t seed = skv_test::test_seed();
   CAPTURE(seed);
-  TempDir dir;
-  Shape s;
-  write_random_model(dir.path(), s, seed);
-  const ModelConfig cfg = load_model_config(dir.path());
-  const WeightStore store(dir.path());
+  const LoadedModel m(seed, Shape{});
+  const Shape& s = m.s;
+  const ModelConfig& cfg = m.cfg;
+  const WeightStore& store = m.store;
   std::mt19937_64 rng(seed + 4);
   const auto a = random_tokens(rng, 20, s.vocab), b = random_tokens(rng, 33, s.vocab);
   Decoder<DensePolicy> dec(cfg, store, dense_config(cfg));
@@ -348,11 +357,9 @@ TEST_CASE("decoder: sampling is greedy at temperature 0 and reproducible with a 
 }
 
 TEST_CASE("decoder: errors name what is wrong") {
-  TempDir dir;
-  Shape s;
-  write_random_model(dir.path(), s, 11);
-  const ModelConfig cfg = load_model_config(dir.path());
-  const WeightStore store(dir.path());
+  const LoadedModel m(11, Shape{});
+  const ModelConfig& cfg = m.cfg;
+  const WeightStore& store = m.store;
   Config knobs = cfg.attention_config();
   knobs.rank = 64;
   knobs.sparse_budget = 64;  // 1 outlier chunk + 4 local chunks of 8: 40 tokens at least

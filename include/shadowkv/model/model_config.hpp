@@ -272,6 +272,15 @@ inline ModelConfig parse_model_config(const nlohmann::json& json, std::string so
 
   constexpr std::int64_t kMaxInt = 1 << 30;
   auto size = [&](std::string_view key) { return static_cast<int>(cfg.integer(key, 1, kMaxInt)); };
+  // The head dim: the field `key` when present, else hidden_size / num_attention_heads (both
+  // read into `m` first).
+  auto head_dim_from = [&](std::string_view key) {
+    if (cfg.has(key)) return size(key);
+    if (m.hidden_size % m.num_q_heads != 0)
+      detail::config_fail(source, "no ", key, " and hidden_size=", m.hidden_size,
+                          " is not a multiple of num_attention_heads=", m.num_q_heads);
+    return m.hidden_size / m.num_q_heads;
+  };
   m.max_position_embeddings = cfg.optional_integer("max_position_embeddings", 1).value_or(0);
   m.tie_word_embeddings = cfg.boolean("tie_word_embeddings", false);
   m.bos_token_ids = detail::token_ids(cfg, "bos_token_id");
@@ -286,14 +295,7 @@ inline ModelConfig parse_model_config(const nlohmann::json& json, std::string so
     m.num_layers = cfg.has("num_layers") ? size("num_layers") : size("num_hidden_layers");
     m.num_q_heads = size("num_attention_heads");
     m.num_kv_heads = cfg.boolean("multi_query_attention", false) ? size("multi_query_group_num") : m.num_q_heads;
-    if (cfg.has("kv_channels")) {
-      m.head_dim = size("kv_channels");
-    } else {
-      if (m.hidden_size % m.num_q_heads != 0)
-        detail::config_fail(source, "no kv_channels and hidden_size=", m.hidden_size,
-                            " is not a multiple of num_attention_heads=", m.num_q_heads);
-      m.head_dim = m.hidden_size / m.num_q_heads;
-    }
+    m.head_dim = head_dim_from("kv_channels");
     m.intermediate_size = size("ffn_hidden_size");
     m.vocab_size = cfg.integer("padded_vocab_size", 1, kMaxInt);
     m.rms_norm_eps = cfg.optional_number("layernorm_epsilon").value_or(1e-5);
@@ -314,14 +316,7 @@ inline ModelConfig parse_model_config(const nlohmann::json& json, std::string so
     m.num_layers = size("num_hidden_layers");
     m.num_q_heads = size("num_attention_heads");
     m.num_kv_heads = cfg.has("num_key_value_heads") ? size("num_key_value_heads") : m.num_q_heads;
-    if (cfg.has("head_dim")) {
-      m.head_dim = size("head_dim");
-    } else {
-      if (m.hidden_size % m.num_q_heads != 0)
-        detail::config_fail(source, "no head_dim and hidden_size=", m.hidden_size,
-                            " is not a multiple of num_attention_heads=", m.num_q_heads);
-      m.head_dim = m.hidden_size / m.num_q_heads;
-    }
+    m.head_dim = head_dim_from("head_dim");
     m.intermediate_size = size("intermediate_size");
     m.vocab_size = cfg.integer("vocab_size", 1, kMaxInt);
     m.rms_norm_eps = cfg.optional_number("rms_norm_eps").value_or(1e-6);
