@@ -457,6 +457,112 @@ void bm_sparse_attention_decode(benchmark::State& state) {
   (void)cudaStreamDestroy(stream);
 }
 
+/// The decode step's landmark scoring and selection alone: `score_landmarks` + `select_top_k`
+/// (k = 256) for B sequences of `context` tokens, Llama-3.1-8B attention shapes, bf16, with
+/// M = context / 8 - 4 - 48 landmarks per KV head (as `bm_shadowkv_step`: chunks of 8, 4 local
+/// and 48 outlier chunks not indexed). The landmarks are rotated over enough copies (3x the L2
+/// size in all) that every step reads them from HBM: at B = 1 they are 33 MB, under the 60 MB
+/// L2. Counters: hbm_bytes = the landmarks read, the scores written and read back by the top-k,
+/// the selection written; l2_bytes = the logits' round trip between the two scoring kernels
+/// (H_q floats per landmark written, then read, usually inside L2); floor_ms = hbm_bytes at
+/// 4.0 TB/s.
+void bm_score_landmarks(benchmark::State& state) {
+  const int batch = static_cast<int>(state.range(0));
+  const long long context = state.range(1);
+  constexpr int c = 8, k_sel = 256, outliers = 48, local = 4;
+  const int m = static_cast<int>(context / c - local - outliers);  // landmarks per head
+  cudaStream_t stream;
+  SHADOWKV_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  {
+    int device = 0, l2_bytes = 0;
+    SHADOWKV_CUDA_CHECK(cudaGetDevice(&device));
+    SHADOWKV_CUDA_CHECK(cudaDeviceGetAttribute(&l2_bytes, cudaDevAttrL2CacheSize, device));
+    const std::size_t heads = static_cast<std::size_t>(batch) * kHkv;
+    const std::size_t per_copy = heads * m * kD;  // elements of one set of landmarks
+    const int copies = static_cast<int>(
+        std::max<std::size_t>(1, (3 * static_cast<std::size_t>(l2_bytes) + per_copy * sizeof(D) - 1) / (per_copy * sizeof(D))));
+    skc::DeviceBuffer<D> landmarks(per_copy * copies, stream);
+    fill_random<<<1024, 256, 0, stream>>>(landmarks.data(), landmarks.size(), 3u);
+    SHADOWKV_CUDA_CHECK_LAUNCH();
+    std::vector<const D*> lm_ptrs(static_cast<std::size_t>(copies) * batch);  // [copy][batch]
+    for (int cp = 0; cp < copies; ++cp)
+      for (int b = 0; b < batch; ++b)
+        lm_ptrs[static_cast<std::size_t>(cp) * batch + b] =
+            landmarks.data() + static_cast<std::size_t>(cp) * per_copy + static_cast<std::size_t>(b) * kHkv * m * kD;
+    std::vector<int> counts(batch, m);
+    std::vector<long long> offsets(batch);
+    for (int b = 0; b < batch; ++b) offsets[b] = static_cast<long long>(b) * kHkv * m;
+    skc::DeviceBuffer<const D*> d_lm_ptrs(lm_ptrs.size(), stream);
+    skc::DeviceBuffer<int> d_counts(batch, stream);
+    skc::DeviceBuffer<long long> d_offsets(batch, stream);
+    SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(d_lm_ptrs.data(), lm_ptrs.data(), lm_ptrs.size() * sizeof(D*),
+                                        cudaMemcpyHostToDevice, stream));
+    SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(d_counts.data(), counts.data(), batch * sizeof(int), cudaMemcpyHostToDevice, stream));
+    SHADOWKV_CUDA_CHECK(
+        cudaMemcpyAsync(d_offsets.data(), offsets.data(), batch * sizeof(long long), cudaMemcpyHostToDevice, stream));
+    std::vector<float> hq(static_cast<std::size_t>(batch) * kHq * kD);
+    std::mt19937 rng(13);
+    std::normal_distribution<float> dist;
+    for (auto& x : hq) x = dist(rng);
+    skc::DeviceBuffer<float> q(hq.size(), stream);
+    SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(q.data(), hq.data(), hq.size() * sizeof(float), cudaMemcpyHostToDevice, stream));
+    skc::DeviceBuffer<float> scores(heads * m, stream);
+    skc::DeviceBuffer<std::int32_t> selected(heads * k_sel, stream);
+
+    skc::LandmarkScoreParams<bf16> sp;
+    sp.queries = q.data();
+    sp.num_landmarks = d_counts.data();
+    sp.score_offsets = d_offsets.data();
+    sp.scores = scores.data();
+    sp.scores_capacity = static_cast<long long>(scores.size());
+    sp.batch = batch;
+    sp.num_q_heads = kHq;
+    sp.num_kv_heads = kHkv;
+    sp.head_dim = kD;
+    sp.max_landmarks = m;
+    sp.scale = 0.0883883f;
+    skc::DeviceBuffer<unsigned char> ws(skc::landmark_score_workspace_bytes(batch, kHq, kHkv, m, sp.scores_capacity),
+                                        stream);
+    sp.workspace = ws.data();
+    sp.workspace_bytes = ws.size();
+    skc::TopKParams tp;
+    tp.scores = scores.data();
+    tp.num_landmarks = d_counts.data();
+    tp.score_offsets = d_offsets.data();
+    tp.scores_capacity = sp.scores_capacity;
+    tp.selected = selected.data();
+    tp.batch = batch;
+    tp.num_kv_heads = kHkv;
+    tp.k = k_sel;
+    tp.max_landmarks = m;
+
+    int copy = 0;
+    auto step = [&] {
+      sp.landmarks = reinterpret_cast<const bf16* const*>(d_lm_ptrs.data() + static_cast<std::size_t>(copy) * batch);
+      copy = copy + 1 == copies ? 0 : copy + 1;
+      skc::score_landmarks(sp, stream);
+      skc::select_top_k(tp, stream);
+    };
+    for (int i = 0; i < copies; ++i) step();  // warm-up: first calls configure the kernels
+    SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+    for (auto _ : state) {
+      EventTimer t(stream);
+      step();
+      state.SetIterationTime(t.seconds());
+    }
+    const double landmark_bytes = static_cast<double>(per_copy) * sizeof(D);
+    const double score_bytes = static_cast<double>(heads) * m * sizeof(float);
+    const double hbm = landmark_bytes + 2.0 * score_bytes + static_cast<double>(heads) * k_sel * sizeof(std::int32_t);
+    state.counters["hbm_bytes"] = hbm;
+    state.counters["l2_bytes"] = 2.0 * batch * kHq * static_cast<double>(m) * sizeof(float);
+    state.counters["floor_ms"] = hbm / kHbmBytesPerSecond * 1e3;
+    state.counters["GBps"] = benchmark::Counter(hbm, benchmark::Counter::kIsIterationInvariantRate);
+    state.counters["copies"] = copies;
+    SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  (void)cudaStreamDestroy(stream);
+}
+
 }  // namespace
 
 BENCHMARK(bm_shadowkv_step)
@@ -507,6 +613,14 @@ BENCHMARK(bm_shadowkv_attention)
     ->Args({8, 0})
     ->Args({8, 1024})
     ->Args({64, 0})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(0.2);
+
+BENCHMARK(bm_score_landmarks)
+    ->ArgNames({"batch", "context"})
+    ->Args({1, 131072})
+    ->Args({8, 131072})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond)
     ->MinTime(0.2);

@@ -7,8 +7,9 @@
 /// sets the kernels' shared-memory limits once; later calls only enqueue work, so an engine can
 /// capture them in a CUDA graph (with a workspace it owns).
 ///
-/// Results equal the CPU backend's `LandmarkIndex<CpuBackend, T>::score` (to float rounding)
-/// and `select_top_k` (exactly, on the same scores).
+/// Results equal the CPU backend's `LandmarkIndex<CpuBackend, T>::score` (to float rounding;
+/// for bf16/fp16 landmarks, on the queries pre-scaled and rounded to that type, see
+/// `score_landmarks`) and `select_top_k` (exactly, on the same scores).
 
 #include <cuda_runtime.h>
 
@@ -142,6 +143,14 @@ inline std::size_t landmark_score_workspace_bytes(int batch, int num_q_heads, in
 /// head h of softmax_m(queries[b, h*G + j] · landmarks[b][h, m] * scale)`, the softmax taken
 /// over the M_b landmarks of that sequence and head (as `LandmarkIndex<CpuBackend, T>::score`).
 ///
+/// For bf16 and fp16 landmarks the logits are computed on the tensor cores from the queries
+/// pre-scaled by `scale` and rounded to the landmarks' type (`landmark_logits_mma_kernel`):
+/// scores then equal the CPU backend's on those rounded queries to float rounding, and differ
+/// from its scores on the float queries by that rounding (a logit moves by at most
+/// `sum_i |round(q_i * scale) - q_i * scale| * |landmark_i|`; ~7e-3 relative at most for bf16
+/// and ~1e-3 for fp16 with unit-variance queries, see `landmark_logits_mma_kernel`); fp16 also
+/// needs `|q * scale| < 65504`. Float landmarks keep float queries and CUDA-core FMAs.
+///
 /// \param p       shapes and device pointers, see `LandmarkScoreParams`. `p.workspace` may be
 ///                null: `allocator` then provides it, stream-ordered, for this call.
 /// \param stream  every launch (and a workspace allocation) goes on it; nothing synchronises.
@@ -194,23 +203,40 @@ void score_landmarks(const LandmarkScoreParams<T>& p, cudaStream_t stream,
                                        kd::LandmarkScoreWorkspace::partial_bytes(p.batch, p.num_kv_heads, group,
                                                                                  p.max_landmarks));
   SHADOWKV_DISPATCH_HEAD_DIM(p.head_dim, HD, [&] {
-    auto launch = [&]<int GB>() {
-      using L = kd::LogitsLayout<device_t<T>, HD, GB>;
-      constexpr auto kernel = kernels::landmark_logits_kernel<T, HD, GB>;
-      ws.tile_rows = L::kTileRows;
+    if constexpr (sizeof(device_t<T>) == 2) {  // 16-bit landmarks: the tensor-core kernel
+      using S = kd::MmaLogitsShape<HD>;
+      constexpr auto kernel = kernels::landmark_logits_mma_kernel<T, HD>;
+      constexpr int kThreads = kd::kMmaLogitsWarps * 32;
+      ws.tile_rows = kd::kMmaLogitsTileRows;
       ws.num_tiles = (p.max_landmarks + ws.tile_rows - 1) / ws.tile_rows;
-      const int per_sm = landmark_launch::configure_kernel<kernel>(kd::kLogitsThreads, L::kSmemBytes);
-      const long long items = static_cast<long long>(ws.num_tiles) * p.num_kv_heads * head_blocks * p.batch;
-      const long long resident = static_cast<long long>(per_sm) * landmark_launch::device_info().sm_count;
-      const unsigned grid = static_cast<unsigned>(items < resident ? items : resident);
-      kernel<<<grid, kd::kLogitsThreads, L::kSmemBytes, stream>>>(p, ws);
+      const int per_sm = landmark_launch::configure_kernel<kernel>(kThreads, S::kSmemBytes);
+      const long long blocks16 = (group + kd::kMmaHeads - 1) / kd::kMmaHeads;
+      const long long items = static_cast<long long>(ws.num_tiles) * p.num_kv_heads * blocks16 * p.batch;
+      const long long resident_warps =
+          static_cast<long long>(per_sm) * landmark_launch::device_info().sm_count * kd::kMmaLogitsWarps;
+      const long long warps = items < resident_warps ? items : resident_warps;
+      const unsigned grid = static_cast<unsigned>((warps + kd::kMmaLogitsWarps - 1) / kd::kMmaLogitsWarps);
+      kernel<<<grid, kThreads, S::kSmemBytes, stream>>>(p, ws);
       SHADOWKV_CUDA_CHECK_LAUNCH();
-    };
-    switch (gb) {
-      case 1: launch.template operator()<1>(); break;
-      case 2: launch.template operator()<2>(); break;
-      case 4: launch.template operator()<4>(); break;
-      default: launch.template operator()<8>(); break;
+    } else {  // float landmarks: float queries and CUDA-core FMAs
+      auto launch = [&]<int GB>() {
+        using L = kd::LogitsLayout<device_t<T>, HD, GB>;
+        constexpr auto kernel = kernels::landmark_logits_kernel<T, HD, GB>;
+        ws.tile_rows = L::kTileRows;
+        ws.num_tiles = (p.max_landmarks + ws.tile_rows - 1) / ws.tile_rows;
+        const int per_sm = landmark_launch::configure_kernel<kernel>(kd::kLogitsThreads, L::kSmemBytes);
+        const long long items = static_cast<long long>(ws.num_tiles) * p.num_kv_heads * head_blocks * p.batch;
+        const long long resident = static_cast<long long>(per_sm) * landmark_launch::device_info().sm_count;
+        const unsigned grid = static_cast<unsigned>(items < resident ? items : resident);
+        kernel<<<grid, kd::kLogitsThreads, L::kSmemBytes, stream>>>(p, ws);
+        SHADOWKV_CUDA_CHECK_LAUNCH();
+      };
+      switch (gb) {
+        case 1: launch.template operator()<1>(); break;
+        case 2: launch.template operator()<2>(); break;
+        case 4: launch.template operator()<4>(); break;
+        default: launch.template operator()<8>(); break;
+      }
     }
   });
   const dim3 grid(static_cast<unsigned>((p.max_landmarks + kd::kNormalizeTile - 1) / kd::kNormalizeTile),

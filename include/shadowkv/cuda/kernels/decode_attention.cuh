@@ -16,6 +16,7 @@
 
 #include "../../device/softmax.hpp"
 #include "../types.cuh"
+#include "mma_util.cuh"
 
 namespace shadowkv::cuda {
 
@@ -320,96 +321,9 @@ __global__ void __launch_bounds__(kWarps * 32)
 }
 
 // ---------------------------------------------------------------------------------------------
-// Tensor-core path for 16-bit storage (bf16, fp16): the PTX wrappers it needs, its shapes, the
-// kernel. Fragment layouts follow the PTX ISA ("Matrix Fragments for mma.m16n8k16 with
-// floating point type", "ldmatrix"); `qr` = lane / 4 ("groupID") and `qc` = lane % 4
-// ("threadID_in_group") below.
-
-/// PTX wrappers of the tensor-core path (a namespace of their own: other kernel families have
-/// similar helpers).
-namespace decode_mma {
-
-/// Shared-state-space address of a generic pointer into shared memory.
-__device__ __forceinline__ uint32_t shared_address(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-/// 16-byte asynchronous copy global -> shared that bypasses L1 (`.cg`: every row is read
-/// once). `src_bytes` = 0 reads nothing and writes 16 zero bytes (rows past the split end).
-__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-/// Waits until at most `N` of this thread's committed groups are still in flight.
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
-
-/// Four 8x8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, and lane `x`
-/// receives (row x/4, columns 2(x%4), 2(x%4)+1) of each matrix in `r[i]`.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-/// As `ldmatrix_x4`, transposed: lane `x` receives (rows 2(x%4), 2(x%4)+1, column x/4).
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr)
-               : "memory");
-}
-
-/// `c += a * b` on the tensor cores: a 16x16 (row-major fragment), b 16x8 (column-major
-/// fragment), c 16x8 float.
-template <class D>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<D, __nv_bfloat16>) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    static_assert(std::is_same_v<D, __half>, "the tensor-core path takes bf16 or fp16 storage");
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-/// Two floats rounded to `D` in one 32-bit fragment register, `lo` in the low half (the lower
-/// column index of a fragment pair).
-template <class D>
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
-  uint32_t u;
-  if constexpr (std::is_same_v<D, __nv_bfloat16>) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    memcpy(&u, &v, sizeof(u));
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    memcpy(&u, &v, sizeof(u));
-  }
-  return u;
-}
-
-/// 2^x with the special-function unit (2^-inf = 0).
-__device__ __forceinline__ float exp2_approx(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
-
-/// A pointer broadcast from lane `src` of the warp (all lanes take part).
-template <class T>
-__device__ __forceinline__ const T* shfl_pointer(const T* ptr, int src) {
-  return reinterpret_cast<const T*>(
-      __shfl_sync(0xffffffffu, reinterpret_cast<unsigned long long>(ptr), src));
-}
-
-}  // namespace decode_mma
+// Tensor-core path for 16-bit storage (bf16, fp16): its shapes and the kernel; the PTX
+// wrappers are in mma_util.cuh (namespace `mma`), whose header states the fragment layouts;
+// `qr` = lane / 4 ("groupID") and `qc` = lane % 4 ("threadID_in_group") below.
 
 /// Shapes of the tensor-core kernel for head dim `HD` (16-bit storage).
 template <int HD>
@@ -472,7 +386,7 @@ template <class D, int HD, int kWarps>
 __global__ void __launch_bounds__(kWarps * 32)
     decode_attention_mma_kernel(const DecodeAttentionParams<D> p, int group) {
   static_assert(sizeof(D) == 2, "the tensor-core path takes 16-bit storage");
-  using namespace decode_mma;
+  using namespace mma;
   using Shape = MmaDecodeShape<HD>;
   constexpr int kRows = Shape::kTileRows;
   constexpr int kPitch = Shape::kRowPitch;

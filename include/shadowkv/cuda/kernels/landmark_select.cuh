@@ -4,10 +4,12 @@
 /// (`softmax(q · landmarksᵀ · scale)` per query head, max over the `G` query heads of each KV
 /// head) and top-k selection per (sequence, KV head). Host launchers: cuda/landmark_ops.cuh.
 ///
-/// Scoring takes two launches. `landmark_logits_kernel` reads every landmark once for all the
-/// query heads of its group and writes their logits plus a partial softmax state (max, sum)
-/// per CTA tile; `landmark_normalize_kernel` merges the partial states of a row and turns the
-/// logits into scores. (The normalisers are global over a row, so the logits must be kept
+/// Scoring takes two launches. A logits kernel reads every landmark once for all the query
+/// heads of its group and writes their logits plus a partial softmax state (max, sum) per tile
+/// — `landmark_logits_mma_kernel` on the tensor cores for bf16/fp16 landmarks (the queries
+/// rounded to that type), `landmark_logits_kernel` with float FMAs for fp32 ones;
+/// `landmark_normalize_kernel` merges the partial states of a row and turns the logits into
+/// scores. (The normalisers are global over a row, so the logits must be kept
 /// somewhere until they are known; `G` floats per landmark cost far less than a second pass
 /// over the landmarks, `d * sizeof(T)` bytes each, and usually stay in L2 between the two
 /// launches.)
@@ -17,7 +19,8 @@
 /// (warp segments in index order) writes the selected indices already ascending, ties
 /// resolved to the lower index, so no sort is needed.
 ///
-/// Measured on the H200 (ncu --clock-control none, gpu__time_duration; B = 1, H_kv = 8, G = 4,
+/// Measured on the H200 before the tensor-core path, i.e. `landmark_logits_kernel` on bf16
+/// (ncu --clock-control none, gpu__time_duration; B = 1, H_kv = 8, G = 4,
 /// d = 128, bf16, M = 16384, k = 256): logits 16.7 us (33.6 MB of landmarks: 2.0 TB/s, ~50% of
 /// HBM; the CTAs are issue/latency-bound at this size), normalize 5.8 us, top-k 13.9 us. At
 /// B = 64 (2.1 GB of landmarks) the two scoring launches take 742 us together (event-timed),
@@ -32,6 +35,7 @@
 #include "../../core/dtype.hpp"
 #include "../../device/softmax.hpp"
 #include "../types.cuh"
+#include "mma_util.cuh"
 
 namespace shadowkv::cuda {
 
@@ -141,6 +145,37 @@ struct LogitsLayout {
   static constexpr int kScatterSteps = min_int(log2_exact(GB), log2_exact(kLanes));
   static constexpr int kKeep = GB >> kScatterSteps;
   static constexpr int kDupMask = (kLanes >> kScatterSteps) - 1;
+};
+
+inline constexpr int kMmaLogitsWarps = 4;
+/// Landmarks per work item of the tensor-core logits kernel, i.e. per partial softmax state.
+inline constexpr int kMmaLogitsTileRows = 64;
+/// Query heads per work item of the tensor-core logits kernel: the MMA's m16 (G > 16 takes
+/// ceil(G / 16) items per tile, each reading the landmarks again).
+inline constexpr int kMmaHeads = 16;
+
+/// How `landmark_logits_mma_kernel` (16-bit landmarks) stages landmarks for head dim `HD`.
+template <int HD>
+struct MmaLogitsShape {
+  /// Landmarks per ring stage: the two n8 tiles that one `ldmatrix.x4` per k step feeds.
+  static constexpr int kStageRows = 16;
+  /// Bytes of one landmark row in shared memory, padded by 16 so that the 8 rows one
+  /// `ldmatrix` matrix reads at the same column fall into 8 different 16-byte bank groups
+  /// (pitch / 16 is odd for every supported head dim).
+  static constexpr int kRowPitch = HD * 2 + 16;
+  static constexpr int kStageBytes = kStageRows * kRowPitch;
+  /// Stages in each warp's ring, ~23-26 KB per warp (4 warps per CTA, two CTAs per SM); all
+  /// but one are in flight: 20 KB of landmarks per warp at d <= 128 (160 KB per SM), 16 KB at
+  /// d = 256 (128 KB per SM).
+  static constexpr int kStages = HD <= 64 ? 10 : HD <= 96 ? 7 : HD <= 128 ? 6 : 3;
+  static constexpr int kChunksPerRow = HD * 2 / 16;  ///< 16-byte copies per row
+  static constexpr int kChunksPerLane = kStageRows * kChunksPerRow / 32;
+  static constexpr int kKSteps = HD / 16;  ///< k16 steps of one stage's logits
+  static constexpr int kSmemBytes = kMmaLogitsWarps * kStages * kStageBytes;
+  static_assert(HD % 16 == 0 && kStageRows * kChunksPerRow % 32 == 0, "head dim must be a multiple of 16");
+  static_assert(kMmaLogitsTileRows % kStageRows == 0 && kMmaLogitsTileRows >= kMinLogitsTileRows,
+                "a work item is whole stages, and no smaller than the workspace's partial tiles");
+  static_assert(((kRowPitch / 16) & 1) == 1, "the row pitch must be an odd number of 16-byte units");
 };
 
 /// One vector of `W` 32-bit words from shared memory.
@@ -328,6 +363,7 @@ struct LandmarkScoreWorkspace {
 
 }  // namespace landmark_detail
 
+/// The logits kernel for fp32 landmarks (16-bit ones take `landmark_logits_mma_kernel`).
 /// Persistent grid (the resident CTA count, or fewer items), 256 threads, `kSmemBytes` of
 /// dynamic shared memory. The work items are the tiles of `kTileRows` landmarks (32 KiB; 128 rows for bf16,
 /// d = 128) of each (sequence, KV head, block of up to `GB` query heads of its group; GB in
@@ -518,6 +554,276 @@ __global__ void __launch_bounds__(landmark_detail::kLogitsThreads)
     __syncthreads();  // s_logits is rewritten by the next item
     cur = nxt;
   }
+}
+
+/// Tensor-core logits kernel for 16-bit landmarks (bf16, fp16): the same outputs as
+/// `landmark_logits_kernel` (logits of head 0 into `scores`, of heads 1..G-1 into the
+/// workspace, one partial softmax state `(max, sum of exp)` per (query head, tile of
+/// `kMmaLogitsTileRows` landmarks)), for the same `landmark_normalize_kernel`.
+///
+/// Design. Persistent grid (the resident CTA count, or fewer), `kMmaLogitsWarps` independent
+/// warps per CTA and no block barrier. A work item is one tile of 64 landmarks of one
+/// (sequence, KV head, block of up to 16 query heads); items are numbered tile-fastest, so
+/// consecutive items are consecutive tiles of one row, and each warp takes a contiguous range
+/// of them (tiles past a sequence's M_b skipped), i.e. mostly one or two rows. The block's
+/// query heads, pre-scaled by `scale` and rounded to D, are the 16 rows of the MMA's A operand
+/// (rows past G zero), held in registers as A fragments over k = head dim and reloaded only
+/// when the row changes. The landmarks stream through each warp's own ring of `kStages`
+/// stages of 16 rows (row pitch padded by 16 bytes against bank conflicts) with 16-byte
+/// `cp.async` copies, evict-first in L2 so that the logits survive there until the normalise
+/// kernel reads them; `kStages - 1` stages are in flight while the warp computes one, and the
+/// ring runs on across items and rows (a second cursor walks the same items `kStages - 1`
+/// stages ahead, issuing the copies). Rows past M_b are zero-filled and their logits masked.
+/// Per stage: the logits of 16 heads x 16 landmarks with `HD / 16` `ldmatrix.x4` (non-
+/// transposed: landmark rows are the columns of B) and `HD / 8` `mma.m16n8k16` with fp32
+/// accumulators; each lane then holds heads qr (and qr + 8) x landmarks 2qc, 2qc + 1, 8 + 2qc,
+/// 9 + 2qc, stores them and folds them into its running (max, sum of exp) per head (`expf`, as
+/// the CUDA-core kernel); at the end of an item the 4 lanes of a quad merge their states and
+/// one writes the item's partial per head. `cp.async.wait_group` then `__syncwarp` orders a
+/// stage's copies before its reads and a slot's reads before its next copies.
+///
+/// Numerics: the logits are `round_D(q * scale) · landmark` summed in fp32 by the tensor cores,
+/// where the CUDA-core kernel takes `(q · landmark) * scale` in float. Rounding the scaled
+/// queries to D (at most 2^-8 relative for bf16, 2^-11 for fp16, per element) moves logit m
+/// of head j by at most `Delta_jm = sum_i |round_D(q_i s) - q_i s| |k_mi|`, hence a score by a
+/// factor within `exp(+-(Delta_jm + max_m Delta_jm))`. Measured with the CPU backend (d = 64-
+/// 256, G = 4, unit-variance queries and landmarks, scale 1/sqrt(d)): scores move by up to
+/// ~7e-3 relative for bf16 (1.6e-2 with queries of standard deviation 2), ~1e-3 for fp16, a
+/// fifth to a third of that bound. On the rounded queries the scores agree with the CPU
+/// backend's to float rounding. fp16 also needs `|q * scale| < 65504`.
+///
+/// Performance: the floor is the landmark bytes, `sum_b H_kv * M_b * d * 2` (times
+/// ceil(G / 16) when G > 16), at HBM bandwidth (~4 TB/s on the H200; 67 us for 8 sequences
+/// x 8 KV heads x 16K landmarks at d = 128); the logits add `sum_b H_q * M_b * 4` bytes written
+/// (1/16 of the landmark bytes at G = 4, d = 128), the partials `8 / 64` bytes per landmark
+/// and query head. Per 16 landmarks a warp issues `HD / 16` copies per lane, `HD / 16`
+/// `ldmatrix` and `HD / 8` MMAs, 5 `expf` and 4 stores per lane (twice that when G > 8): by
+/// count, well under a tenth of an SM's issue slots at HBM speed (not yet profiled), so the
+/// kernel should be bound by the bytes in flight (`(kStages - 1) * 16 * HD * 2` bytes per
+/// warp, 160 KB per SM at d = 128, where ~30 KB per SM covers the latency at 4 TB/s).
+template <class T, int HD>
+__global__ void __launch_bounds__(landmark_detail::kMmaLogitsWarps * 32)
+    landmark_logits_mma_kernel(const LandmarkScoreParams<T> p, const landmark_detail::LandmarkScoreWorkspace ws) {
+  using namespace landmark_detail;
+  using namespace mma;
+  using D = device_t<T>;
+  static_assert(sizeof(D) == 2, "the tensor-core path takes 16-bit landmarks");
+  using S = MmaLogitsShape<HD>;
+  constexpr int kTile = kMmaLogitsTileRows;
+  constexpr int kRows = S::kStageRows;
+  constexpr int kStages = S::kStages;
+  constexpr int kPitch = S::kRowPitch;
+  constexpr int kStageBytes = S::kStageBytes;
+  constexpr int kElemsPerChunk = 16 / static_cast<int>(sizeof(D));
+  constexpr unsigned kFull = 0xffffffffu;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();  // cp.async, ldmatrix and bf16 mma need sm_80 or newer
+#else
+  extern __shared__ uint4 s_ring_raw[];  // [kMmaLogitsWarps][kStages][kRows][kPitch bytes]
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int qr = lane / 4, qc = lane % 4;
+  const int group = ws.group;
+  const int head_blocks = (group + kMmaHeads - 1) / kMmaHeads;
+  const int rows_y = p.num_kv_heads * head_blocks;
+  const int items = ws.num_tiles * rows_y * p.batch;  // < 2^31: checked by the launcher
+  const long long warps_total = static_cast<long long>(gridDim.x) * kMmaLogitsWarps;
+  const long long global_warp = static_cast<long long>(blockIdx.x) * kMmaLogitsWarps + warp;
+  const int w_begin = static_cast<int>(items * global_warp / warps_total);
+  const int w_end = static_cast<int>(items * (global_warp + 1) / warps_total);
+
+  // A cursor over this warp's ring stages: item w -> (tile, y = h * head_blocks + block, b),
+  // then the item's stages of 16 landmarks. Every field is warp-uniform.
+  struct Cursor {
+    int w, tile, y, b, m;   // item index, its tile / row / sequence, M_b
+    int h, head0, n_valid;  // KV head, first query head of the block, landmarks of the item
+    int sub;                // stage within the item
+    long long off_b;
+    const D* src;  // the item's first landmark row
+  };
+  auto next_row = [&](Cursor& c) {
+    c.tile = 0;
+    if (++c.y == rows_y) {
+      c.y = 0;
+      ++c.b;
+      c.m = c.b < p.batch ? p.num_landmarks[c.b] : 0;
+    }
+  };
+  auto seek = [&](Cursor& c) {  // to the first stage of the first valid item at or after c.w
+    c.sub = 0;
+    while (c.w < w_end) {
+      if (c.tile * kTile < c.m) {
+        c.h = c.y / head_blocks;
+        c.head0 = (c.y - c.h * head_blocks) * kMmaHeads;
+        c.n_valid = min(kTile, c.m - c.tile * kTile);
+        c.off_b = p.score_offsets[c.b];
+        check_row(c.m, c.off_b, p.num_kv_heads, p.max_landmarks, p.scores_capacity);
+        const D* seq = reinterpret_cast<const D*>(p.landmarks[c.b]);
+        require(reinterpret_cast<std::uintptr_t>(seq) % 16 == 0);
+        c.src = seq + (static_cast<long long>(c.h) * c.m + static_cast<long long>(c.tile) * kTile) * HD;
+        return;
+      }
+      c.w += ws.num_tiles - c.tile;  // the rest of this row is past M_b
+      next_row(c);
+    }
+  };
+  auto advance = [&](Cursor& c) {  // to the next stage
+    if (++c.sub * kRows < c.n_valid) return;
+    ++c.w;
+    if (++c.tile == ws.num_tiles) next_row(c);
+    seek(c);
+  };
+  Cursor cur{};
+  cur.w = w_begin;
+  {
+    const int rest = w_begin / ws.num_tiles;
+    cur.tile = w_begin - rest * ws.num_tiles;
+    cur.b = rest / rows_y;
+    cur.y = rest - cur.b * rows_y;
+    cur.m = cur.b < p.batch ? p.num_landmarks[cur.b] : 0;
+    seek(cur);
+  }
+
+  // Issues the copies of stage c into ring slot `slot` (warp-uniform call). Copy `chunk` of a
+  // stage (lane + 32 i) is row chunk / kChunksPerRow, bytes 16 (chunk % kChunksPerRow) of it:
+  // a stage is one contiguous block, and a warp instruction covers 512 consecutive bytes.
+  const uint32_t ring = shared_address(s_ring_raw) + static_cast<uint32_t>(warp * kStages * kStageBytes);
+  const uint64_t policy = l2_evict_first_policy();
+  auto load_stage = [&](const Cursor& c, int slot) {
+    const int row0 = c.sub * kRows;
+    const int rows = min(kRows, c.n_valid - row0);  // >= 1
+    const D* src = c.src + static_cast<long long>(row0) * HD;
+    const uint32_t dst = ring + static_cast<uint32_t>(slot * kStageBytes);
+#pragma unroll
+    for (int i = 0; i < S::kChunksPerLane; ++i) {
+      const int chunk = lane + 32 * i, r = chunk / S::kChunksPerRow, col = chunk % S::kChunksPerRow;
+      const bool in = r < rows;  // rows past M_b: 16 zero bytes, nothing read (src is row0)
+      cp_async_16(dst + static_cast<uint32_t>(r * kPitch + col * 16), in ? src + chunk * kElemsPerChunk : src,
+                  in ? 16 : 0, policy);
+    }
+  };
+
+  // One commit per prologue slot and per iteration, empty or not, so that "stage t landed" is
+  // always "at most kStages - 2 groups pending" at iteration t.
+  Cursor prod = cur;
+#pragma unroll 1
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (prod.w < w_end) {
+      load_stage(prod, s);
+      advance(prod);
+    }
+    cp_async_commit();
+  }
+
+  // This lane's ldmatrix row addresses within a stage: matrices (landmarks 0-7, dims +0),
+  // (0-7, +8), (8-15, +0), (8-15, +8) give b0, b1 of n-tile 0, then b0, b1 of n-tile 1.
+  const uint32_t b_lane = static_cast<uint32_t>(((lane / 16) * 8 + lane % 8) * kPitch + ((lane / 8) % 2) * 16);
+  // Q as A fragments: qa[kk] covers head dims [16 kk, 16 kk + 16), rows qr and qr + 8 are
+  // query heads head0 + row of the current block, zero past it.
+  uint32_t qa[S::kKSteps][4];
+  int q_y = -1, q_b = -1, block_heads = 0;  // the row whose queries qa holds; its heads (<= 16)
+  float* out[2] = {nullptr, nullptr};       // logits of heads head0 + qr (+ 8) of the current item
+  float run_m[2] = {-INFINITY, -INFINITY}, run_l[2] = {0.0f, 0.0f};  // this lane's running state
+  int slot = 0;  // stage count % kStages
+  while (cur.w < w_end) {
+    cp_async_wait<kStages - 2>();
+    __syncwarp();  // every lane's copies of this stage visible; every lane done reading slot - 1
+    if (prod.w < w_end) {  // into slot - 1, read last iteration
+      load_stage(prod, slot == 0 ? kStages - 1 : slot - 1);
+      advance(prod);
+    }
+    cp_async_commit();
+
+    if (cur.sub == 0) {  // a new item
+      if (cur.y != q_y || cur.b != q_b) {
+        q_y = cur.y;
+        q_b = cur.b;
+        block_heads = min(kMmaHeads, group - cur.head0);
+        const float* q = p.queries + (static_cast<long long>(cur.b) * p.num_q_heads +
+                                      static_cast<long long>(cur.h) * group + cur.head0) *
+                                         HD;
+        // The rounding of the scaled queries to D happens here (see "Numerics").
+        auto pair = [&](int row, int col) {
+          const float2 v =
+              row < block_heads ? *reinterpret_cast<const float2*>(q + row * HD + col) : make_float2(0.0f, 0.0f);
+          return pack_pair<D>(v.x * p.scale, v.y * p.scale);
+        };
+#pragma unroll
+        for (int kk = 0; kk < S::kKSteps; ++kk) {
+          const int col = 16 * kk + 2 * qc;
+          qa[kk][0] = pair(qr, col);
+          qa[kk][1] = pair(qr + 8, col);
+          qa[kk][2] = pair(qr, col + 8);
+          qa[kk][3] = pair(qr + 8, col + 8);
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const int head = cur.head0 + qr + 8 * r;
+        float* dst = nullptr;
+        if (qr + 8 * r < block_heads)
+          dst = (head == 0 ? p.scores + cur.off_b + static_cast<long long>(cur.h) * cur.m
+                           : ws.logits + (group - 1) * cur.off_b +
+                                 (static_cast<long long>(cur.h) * (group - 1) + head - 1) * cur.m) +
+                static_cast<long long>(cur.tile) * kTile;
+        out[r] = dst;
+      }
+    }
+
+    // Logits of the stage: acc[j] is n-tile j (landmarks 8j..8j+7); [0], [1] head row qr,
+    // [2], [3] head row qr + 8; landmarks 8j + 2qc, +1.
+    float acc[2][4] = {{0.0f, 0.0f, 0.0f, 0.0f}, {0.0f, 0.0f, 0.0f, 0.0f}};
+    const uint32_t stage = ring + static_cast<uint32_t>(slot * kStageBytes) + b_lane;
+#pragma unroll
+    for (int kk = 0; kk < S::kKSteps; ++kk) {
+      uint32_t kb[4];
+      ldmatrix_x4(kb, stage + kk * 32);
+      mma_16816<D>(acc[0], qa[kk], kb[0], kb[1]);
+      mma_16816<D>(acc[1], qa[kk], kb[2], kb[3]);
+    }
+
+    const int row0 = cur.sub * kRows;                  // first landmark of the stage in the item
+    const int valid = min(kRows, cur.n_valid - row0);  // landmarks of the stage inside M_b
+    const bool item_end = row0 + kRows >= cur.n_valid;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      if (r == 1 && block_heads <= 8) break;  // warp-uniform: rows qr + 8 are all past the block
+      const bool head_valid = qr + 8 * r < block_heads;
+      float v[4];
+      int col[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        col[i] = 8 * (i / 2) + 2 * qc + (i % 2);
+        v[i] = col[i] < valid ? acc[i / 2][2 * r + i % 2] : -INFINITY;
+        if (head_valid && col[i] < valid) out[r][row0 + col[i]] = v[i];
+      }
+      // Running (max, sum of exp) of this lane's landmarks of the item, natural-log units.
+      const float m_new = fmaxf(run_m[r], fmaxf(fmaxf(v[0], v[1]), fmaxf(v[2], v[3])));
+      const float base = m_new == -INFINITY ? 0.0f : m_new;  // no (-inf) - (-inf)
+      float sum = 0.0f;
+#pragma unroll
+      for (int i = 0; i < 4; ++i) sum += expf(v[i] - base);
+      run_l[r] = run_l[r] * expf(run_m[r] - base) + sum;
+      run_m[r] = m_new;
+      if (item_end) {  // warp-uniform: merge the quad's states, write the item's partial
+        device::SoftmaxState st{run_m[r], run_l[r]};
+#pragma unroll
+        for (int o = 1; o <= 2; o *= 2) {
+          const device::SoftmaxState other{__shfl_xor_sync(kFull, st.m, o), __shfl_xor_sync(kFull, st.l, o)};
+          float sa, sb;
+          st = device::merge_softmax_state(st, other, sa, sb);
+        }
+        if (qc == 0 && head_valid)
+          ws.partials[((static_cast<long long>(cur.b) * p.num_kv_heads + cur.h) * ws.num_tiles + cur.tile) * group +
+                      cur.head0 + qr + 8 * r] = make_float2(st.m, st.l);
+        run_m[r] = -INFINITY;
+        run_l[r] = 0.0f;
+      }
+    }
+    advance(cur);
+    slot = slot + 1 == kStages ? 0 : slot + 1;
+  }
+  cp_async_wait<0>();  // only empty groups can remain; drain them before the warp exits
+#endif
 }
 
 /// Grid `(ceil(max_landmarks / 512), H_kv, batch)`, 256 threads, `2 * G` floats of dynamic
