@@ -13,7 +13,18 @@ endfunction()
 
 expect_usage_error(--policy --policy sparse)
 expect_usage_error(--device --device tpu)
-expect_usage_error(--device --device cuda)
+if(CUDA_BUILD)
+  # Built with CUDA: `--device cuda` runs where a GPU is, and is a usage error naming the flag
+  # where none is.
+  execute_process(COMMAND ${EXE} --device cuda --policy dense --prompt-ids 1,2,3 --max-new-tokens 2
+                  RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  string(FIND "${out}${err}" "--device" at)
+  if(NOT (rc EQUAL 0 OR (rc EQUAL 2 AND NOT at EQUAL -1)))
+    message(FATAL_ERROR "shadowkv-decode --device cuda: exit status ${rc}\n${out}${err}")
+  endif()
+else()
+  expect_usage_error(--device --device cuda)
+endif()
 expect_usage_error(--max-new-tokens --max-new-tokens -3)
 expect_usage_error(--chunk-size --chunk-size 0)
 expect_usage_error(--rank --rank many)

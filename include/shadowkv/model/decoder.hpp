@@ -12,8 +12,11 @@
 /// Backend split: everything but attention goes through `LinearOps<B>` (embedding lookup,
 /// `y = x Wᵀ + b`, RMSNorm, SwiGLU, residual add), and attention through
 /// `SparseAttention<Policy, B, float>`; `Decoder` itself only sequences these calls over
-/// `LinearOps<B>::Buffer`s. Only `LinearOps<CpuBackend>` (Eigen) exists today; a cuBLAS
-/// `LinearOps<CudaBackend>` (device buffers, cublasGemmEx) slots in under the same `Decoder`.
+/// `LinearOps<B>::Buffer`s. `LinearOps<CpuBackend>` (Eigen) is here; `LinearOps<CudaBackend>`
+/// (device buffers, cublasGemmEx, one stream) is in model/decoder_cuda.cuh, so this header
+/// stays free of CUDA. A backend's `LinearOps` is a member of the decoder (it may own state: a
+/// stream, scratch); `attention_args()` are the trailing arguments every attention call takes on
+/// that backend (none on the CPU, the stream on CUDA).
 ///
 /// Precision (CPU): weights are converted to float once, when the decoder is built (BF16 and
 /// F16 widen exactly, so the arithmetic sees the checkpoint's values), activations and the KV
@@ -29,6 +32,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <Eigen/Core>
@@ -126,6 +130,16 @@ struct LinearOps<CpuBackend> {
   /// Host copy of a buffer (logits go to the sampler on the host).
   static std::vector<float> to_host(const Buffer& x) { return x; }
 
+  /// `x` holds `n` floats (contents unspecified: the caller overwrites them).
+  static void resize(Buffer& x, std::size_t n) { x.resize(n); }
+
+  /// Bytes a weight occupies.
+  static std::size_t bytes(const Matrix& w) { return static_cast<std::size_t>(w.size()) * sizeof(float); }
+  static std::size_t bytes(const Buffer& w) { return w.size() * sizeof(float); }
+
+  /// Trailing arguments of the attention calls on this backend: none.
+  static std::tuple<> attention_args() { return {}; }
+
   static TensorView<float, 3> view(Buffer& x, index_t n, index_t heads, index_t d) {
     return TensorView<float, 3>(x.data(), {n, heads, d});
   }
@@ -211,29 +225,29 @@ class Decoder {
   Decoder(const ModelConfig& cfg, const WeightStore& store, const Config& attention)
       : cfg_(cfg), attn_((validate(cfg, store, attention), attention), cfg.num_layers) {
     const ModelWeights mw = model_weights(cfg_);
-    embed_ = Ops::load_matrix(store, mw.embed_tokens);
-    final_norm_ = Ops::load_vector(store, mw.final_norm);
-    if (!cfg_.tie_word_embeddings) lm_head_ = Ops::load_matrix(store, mw.lm_head);
+    embed_ = ops_.load_matrix(store, mw.embed_tokens);
+    final_norm_ = ops_.load_vector(store, mw.final_norm);
+    if (!cfg_.tie_word_embeddings) lm_head_ = ops_.load_matrix(store, mw.lm_head);
     layers_.resize(cfg_.num_layers);
     for (int l = 0; l < cfg_.num_layers; ++l) {
       const LayerWeights w = layer_weights(cfg_, l);
       Layer& L = layers_[l];
-      L.input_norm = Ops::load_vector(store, w.input_norm);
-      L.post_norm = Ops::load_vector(store, w.post_attention_norm);
-      L.q = Ops::load_matrix(store, w.q_proj);
-      L.k = Ops::load_matrix(store, w.k_proj);
-      L.v = Ops::load_matrix(store, w.v_proj);
-      L.o = Ops::load_matrix(store, w.o_proj);
-      L.q_bias = Ops::load_vector(store, w.q_bias);
-      L.k_bias = Ops::load_vector(store, w.k_bias);
-      L.v_bias = Ops::load_vector(store, w.v_bias);
-      L.o_bias = Ops::load_vector(store, w.o_bias);
-      L.gate = Ops::load_matrix(store, w.gate_proj);
-      L.up = Ops::load_matrix(store, w.up_proj);
-      L.down = Ops::load_matrix(store, w.down_proj);
-      L.gate_bias = Ops::load_vector(store, w.gate_bias);
-      L.up_bias = Ops::load_vector(store, w.up_bias);
-      L.down_bias = Ops::load_vector(store, w.down_bias);
+      L.input_norm = ops_.load_vector(store, w.input_norm);
+      L.post_norm = ops_.load_vector(store, w.post_attention_norm);
+      L.q = ops_.load_matrix(store, w.q_proj);
+      L.k = ops_.load_matrix(store, w.k_proj);
+      L.v = ops_.load_matrix(store, w.v_proj);
+      L.o = ops_.load_matrix(store, w.o_proj);
+      L.q_bias = ops_.load_vector(store, w.q_bias);
+      L.k_bias = ops_.load_vector(store, w.k_bias);
+      L.v_bias = ops_.load_vector(store, w.v_bias);
+      L.o_bias = ops_.load_vector(store, w.o_bias);
+      L.gate = ops_.load_matrix(store, w.gate_proj);
+      L.up = ops_.load_matrix(store, w.up_proj);
+      L.down = ops_.load_matrix(store, w.down_proj);
+      L.gate_bias = ops_.load_vector(store, w.gate_bias);
+      L.up_bias = ops_.load_vector(store, w.up_bias);
+      L.down_bias = ops_.load_vector(store, w.down_bias);
     }
   }
 
@@ -272,9 +286,9 @@ class Decoder {
     std::vector<float> last;
     for (index_t begin = 0; begin < n; begin += chunk) {
       const index_t m = std::min(chunk, n - begin);
-      Ops::embed(embed_, prompt.subspan(begin, m), x_);
+      ops_.embed(embed_, prompt.subspan(begin, m), x_);
       run_layers(m, [&](int layer, auto q, auto k, auto v, auto out) {
-        attn_.prefill(id, layer, q, k, v, out);
+        std::apply([&](auto... args) { attn_.prefill(id, layer, q, k, v, out, args...); }, ops_.attention_args());
       });
       if (all_logits) {
         const std::vector<float> logits = lm_head(x_, 0, m);
@@ -283,7 +297,7 @@ class Decoder {
       if (begin + m == n) last = lm_head(x_, m - 1, 1);
       if (progress) progress(begin + m, n);
     }
-    attn_.finish_prefill(id);
+    std::apply([&](auto... args) { attn_.finish_prefill(id, args...); }, ops_.attention_args());
     return last;
   }
 
@@ -295,8 +309,10 @@ class Decoder {
     SHADOWKV_CHECK(!ids.empty(), "decode: no sequences");
     check_ids(tokens);
     const index_t b = static_cast<index_t>(ids.size());
-    Ops::embed(embed_, tokens, x_);
-    run_layers(b, [&](int layer, auto q, auto k, auto v, auto out) { attn_.decode(layer, ids, q, k, v, out); });
+    ops_.embed(embed_, tokens, x_);
+    run_layers(b, [&](int layer, auto q, auto k, auto v, auto out) {
+      std::apply([&](auto... args) { attn_.decode(layer, ids, q, k, v, out, args...); }, ops_.attention_args());
+    });
     return lm_head(x_, 0, b);
   }
 
@@ -347,8 +363,8 @@ class Decoder {
 
   /// Bytes of the weights as this backend holds them (float).
   std::size_t weight_bytes() const {
-    auto m = [](const Matrix& w) { return static_cast<std::size_t>(w.size()) * sizeof(float); };
-    auto v = [](const Buffer& w) { return w.size() * sizeof(float); };
+    auto m = [](const Matrix& w) { return Ops::bytes(w); };
+    auto v = [](const Buffer& w) { return Ops::bytes(w); };
     std::size_t bytes = m(embed_) + m(lm_head_) + v(final_norm_);
     for (const Layer& L : layers_)
       bytes += m(L.q) + m(L.k) + m(L.v) + m(L.o) + m(L.gate) + m(L.up) + m(L.down) + v(L.input_norm) +
@@ -389,31 +405,32 @@ class Decoder {
     const index_t hq = cfg_.num_q_heads, hkv = cfg_.num_kv_heads, d = cfg_.head_dim;
     for (const Layer& L : layers_) {
       const int layer = static_cast<int>(&L - layers_.data());
-      Ops::rms_norm(x_, n, L.input_norm, cfg_.rms_norm_eps, h_);
-      Ops::linear(h_, n, L.q, L.q_bias, q_);
-      Ops::linear(h_, n, L.k, L.k_bias, k_);
-      Ops::linear(h_, n, L.v, L.v_bias, v_);
-      attn_out_.resize(static_cast<std::size_t>(n * hq * d));
-      attend(layer, TensorView<const float, 3>(Ops::view(q_, n, hq, d)),
-             TensorView<const float, 3>(Ops::view(k_, n, hkv, d)),
-             TensorView<const float, 3>(Ops::view(v_, n, hkv, d)), Ops::view(attn_out_, n, hq, d));
-      Ops::add_linear(attn_out_, n, L.o, L.o_bias, x_);
-      Ops::rms_norm(x_, n, L.post_norm, cfg_.rms_norm_eps, h_);
-      Ops::linear(h_, n, L.gate, L.gate_bias, gate_);
-      Ops::linear(h_, n, L.up, L.up_bias, up_);
-      Ops::silu_mul(gate_, up_);
-      Ops::add_linear(gate_, n, L.down, L.down_bias, x_);
+      ops_.rms_norm(x_, n, L.input_norm, cfg_.rms_norm_eps, h_);
+      ops_.linear(h_, n, L.q, L.q_bias, q_);
+      ops_.linear(h_, n, L.k, L.k_bias, k_);
+      ops_.linear(h_, n, L.v, L.v_bias, v_);
+      ops_.resize(attn_out_, static_cast<std::size_t>(n * hq * d));
+      attend(layer, TensorView<const float, 3>(ops_.view(q_, n, hq, d)),
+             TensorView<const float, 3>(ops_.view(k_, n, hkv, d)),
+             TensorView<const float, 3>(ops_.view(v_, n, hkv, d)), ops_.view(attn_out_, n, hq, d));
+      ops_.add_linear(attn_out_, n, L.o, L.o_bias, x_);
+      ops_.rms_norm(x_, n, L.post_norm, cfg_.rms_norm_eps, h_);
+      ops_.linear(h_, n, L.gate, L.gate_bias, gate_);
+      ops_.linear(h_, n, L.up, L.up_bias, up_);
+      ops_.silu_mul(gate_, up_);
+      ops_.add_linear(gate_, n, L.down, L.down_bias, x_);
     }
   }
 
   /// Final norm + LM head of rows `[row, row + n)` of `x`: `[n, vocab]` on the host.
   std::vector<float> lm_head(const Buffer& x, index_t row, index_t n) {
-    Ops::copy_rows(x, cfg_.hidden_size, row, n, h_);
-    Ops::rms_norm(h_, n, final_norm_, cfg_.rms_norm_eps, q_);
-    Ops::linear(q_, n, cfg_.tie_word_embeddings ? embed_ : lm_head_, Buffer{}, logits_);
-    return Ops::to_host(logits_);
+    ops_.copy_rows(x, cfg_.hidden_size, row, n, h_);
+    ops_.rms_norm(h_, n, final_norm_, cfg_.rms_norm_eps, q_);
+    ops_.linear(q_, n, cfg_.tie_word_embeddings ? embed_ : lm_head_, Buffer{}, logits_);
+    return ops_.to_host(logits_);
   }
 
+  Ops ops_;  // first: destroyed last (on CUDA it owns the stream every buffer below is freed on)
   ModelConfig cfg_;
   Attention attn_;
   Matrix embed_, lm_head_;
