@@ -7,6 +7,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <random>
@@ -563,6 +564,89 @@ void bm_score_landmarks(benchmark::State& state) {
   (void)cudaStreamDestroy(stream);
 }
 
+/// Where the ShadowKV build of one layer of one sequence spends its time (Llama-3.1-8B shapes,
+/// bf16, `context` prompt tokens, wall clock after a device sync, so host work counts too):
+///   part 0: the whole path, add_sequence + prefill (16K-token calls) + finish_prefill + remove
+///   part 1: finish_prefill alone (the prefill calls are untimed)
+///   part 2: LowRankKeyStore::build alone (Gram by cuBLAS, syevd, A = K·V_r)
+///   part 3: the eigensolve alone: finalize_basis() after one untimed accumulate()
+///   part 4: LandmarkIndex::build alone (means, min-cosine, outlier select)
+///   part 5: a PinnedBuffer of the layer's offloaded values (cudaHostAlloc + cudaFreeHost)
+/// The issue's reference is dense prefill attention of the same layer (bench/prefill_sdpa.py).
+void bm_prefill_build(benchmark::State& state) {
+  const long long context = state.range(0);
+  const int part = static_cast<int>(state.range(1));
+  Config cfg;
+  cfg.rope = llama31_rope();
+  const long long kv = static_cast<long long>(kHkv) * kD;
+  cudaStream_t stream;
+  SHADOWKV_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  {
+    skc::DeviceBuffer<D> keys(context * kv, stream), values(context * kv, stream);
+    fill_random<<<1024, 256, 0, stream>>>(keys.data(), keys.size(), 11u);
+    fill_random<<<1024, 256, 0, stream>>>(values.data(), values.size(), 12u);
+    SHADOWKV_CUDA_CHECK_LAUNCH();
+    SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const auto* k = reinterpret_cast<const bf16*>(keys.data());
+    const auto* v = reinterpret_cast<const bf16*>(values.data());
+    SparseAttention<ShadowKVPolicy, CudaBackend, bf16> attn(cfg, 1);
+    SeqId next_id = 0;
+    auto prefill = [&](SeqId id) {
+      attn.add_sequence(id);
+      constexpr long long kChunk = 16384;
+      for (long long t0 = 0; t0 < context; t0 += kChunk) {
+        const long long n = std::min(kChunk, context - t0);
+        attn.prefill(id, 0, {}, TensorView<const bf16, 3>(k + t0 * kv, {n, kHkv, kD}),
+                     TensorView<const bf16, 3>(v + t0 * kv, {n, kHkv, kD}), {}, stream);
+      }
+    };
+    for (auto _ : state) {
+      double seconds = 0;
+      if (part == 0 || part == 1) {
+        const SeqId id = next_id++;
+        const auto t0 = std::chrono::steady_clock::now();
+        if (part == 1) {
+          prefill(id);
+          SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+        }
+        const auto t1 = std::chrono::steady_clock::now();
+        if (part == 0) prefill(id);
+        attn.finish_prefill(id, stream);
+        SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+        if (part == 0) attn.remove_sequence(id);
+        SHADOWKV_CUDA_CHECK(cudaDeviceSynchronize());
+        seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - (part == 1 ? t1 : t0)).count();
+        if (part == 1) attn.remove_sequence(id);
+      } else if (part == 2 || part == 3) {
+        LowRankKeyStore<CudaBackend, bf16> store(kHkv, kD, cfg.rank);
+        if (part == 3) store.accumulate(k, context, kv, stream);
+        SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+        const auto t0 = std::chrono::steady_clock::now();
+        if (part == 2)
+          store.build(k, context, kv, stream);
+        else
+          store.finalize_basis(stream);
+        SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+        seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      } else if (part == 4) {
+        LandmarkIndex<CudaBackend, bf16> index(kHkv, kD, cfg.chunk_size);
+        const long long indexed = (context / cfg.chunk_size - cfg.local_chunks) * cfg.chunk_size;
+        SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+        const auto t0 = std::chrono::steady_clock::now();
+        index.build(k, indexed, kv, cfg.resolved_outlier_chunks(), stream);
+        SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+        seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      } else {
+        const auto t0 = std::chrono::steady_clock::now();
+        { skc::PinnedBuffer<D> host(static_cast<std::size_t>(context * kv)); }
+        seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+      }
+      state.SetIterationTime(seconds);
+    }
+  }
+  (void)cudaStreamDestroy(stream);
+}
+
 }  // namespace
 
 BENCHMARK(bm_shadowkv_step)
@@ -624,5 +708,12 @@ BENCHMARK(bm_score_landmarks)
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond)
     ->MinTime(0.2);
+
+BENCHMARK(bm_prefill_build)
+    ->ArgNames({"context", "part"})
+    ->ArgsProduct({{65536, 131072}, {0, 1, 2, 3, 4, 5}})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(3);
 
 BENCHMARK_MAIN();

@@ -17,6 +17,7 @@
 // layer, chunk), fed through SparseAttention::prefill + finish_prefill (the real build path:
 // Gram + eigensolve, A, landmarks, outliers, value offload for ShadowKV).
 
+#include <cub/block/block_scan.cuh>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -91,6 +92,90 @@ __device__ __forceinline__ float hash_uniform(std::size_t i, unsigned seed) {
 }
 
 /// `p[i] = center + half_width * u`, u uniform in [-1, 1).
+/// Mixes a few integers into 32 random bits (a murmur-style finaliser).
+__device__ __forceinline__ unsigned mix_bits(unsigned a, unsigned b, unsigned c, unsigned d) {
+  unsigned x = a * 0x9E3779B1u ^ (b + 0x7F4A7C15u) * 0x85EBCA77u ^ (c + 0x165667B1u) * 0xC2B2AE3Du ^ d * 0x27D4EB2Fu;
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  x ^= x >> 16;
+  return x;
+}
+
+constexpr int kReplayThreads = 256;
+
+/// The what-if selection trace (issue 5): one CTA per (sequence b, KV head h) of one layer
+/// rewrites the top-k's selection so that exactly round(reuse·k) of its k chunks are chunks the
+/// previous step selected for (b, layer, h) — a random subset of them — and the rest are random
+/// chunks the previous step did not select; the first step keeps the top-k's own selection.
+/// `prev` `[batch, layers, H_kv, k]` holds each (b, layer, h)'s last selection (-1: none yet).
+/// The row is written ascending (the selection's usual order). Rows with fewer landmarks than k
+/// are left alone. Dynamic shared memory: two bitmaps of ceil(max_landmarks / 32) words.
+__global__ void replay_selection_kernel(std::int32_t* selected, const int* num_landmarks, std::int32_t* prev,
+                                        int layers, int layer, int num_kv_heads, int k, float reuse, unsigned step,
+                                        int bitmap_words) {
+  using Scan = cub::BlockScan<int, kReplayThreads>;
+  __shared__ typename Scan::TempStorage scan_storage;
+  extern __shared__ unsigned replay_bitmaps[];
+  unsigned* taken = replay_bitmaps;                  // the previous selection, then the draws
+  unsigned* chosen = replay_bitmaps + bitmap_words;  // the new selection
+  const int h = blockIdx.x, b = blockIdx.y;
+  const int m = num_landmarks[b];
+  if (m < k || (m + 31) / 32 > bitmap_words) return;
+  std::int32_t* sel = selected + (static_cast<long long>(b) * num_kv_heads + h) * k;
+  std::int32_t* pv = prev + ((static_cast<long long>(b) * layers + layer) * num_kv_heads + h) * k;
+  const bool first = pv[0] < 0;
+  __syncthreads();
+  if (first) {
+    for (int i = threadIdx.x; i < k; i += blockDim.x) pv[i] = sel[i];
+    return;
+  }
+  const int words = (m + 31) / 32;
+  for (int w = threadIdx.x; w < words; w += blockDim.x) taken[w] = chosen[w] = 0u;
+  __syncthreads();
+  for (int i = threadIdx.x; i < k; i += blockDim.x) atomicOr(&taken[pv[i] >> 5], 1u << (pv[i] & 31));
+  // Keep the `keep` previous entries with the smallest random keys.
+  // (At least 2k - m are kept: there are only m - k chunks the previous step did not select.)
+  const int keep = max(2 * k - m, min(k, static_cast<int>(lrintf(reuse * static_cast<float>(k)))));
+  for (int i = threadIdx.x; i < k; i += blockDim.x) {
+    const unsigned key = mix_bits(step, b * 131071u + h, 0x5eedu, static_cast<unsigned>(i));
+    int rank = 0;
+    for (int j = 0; j < k; ++j) {
+      const unsigned other = mix_bits(step, b * 131071u + h, 0x5eedu, static_cast<unsigned>(j));
+      rank += other < key || (other == key && j < i);
+    }
+    if (rank < keep) atomicOr(&chosen[pv[i] >> 5], 1u << (pv[i] & 31));
+  }
+  __syncthreads();
+  // Draw k - keep chunks the previous step did not select (rejection; the density is k / m).
+  for (int i = keep + threadIdx.x; i < k; i += blockDim.x) {
+    for (unsigned attempt = 0;; ++attempt) {
+      const int c = static_cast<int>(mix_bits(step, b * 131071u + h, static_cast<unsigned>(i), attempt) % m);
+      const unsigned bit = 1u << (c & 31);
+      if (!(atomicOr(&taken[c >> 5], bit) & bit)) {
+        atomicOr(&chosen[c >> 5], bit);
+        break;
+      }
+    }
+  }
+  __syncthreads();
+  // Write the chosen set ascending: each thread owns a run of words, a block scan of their counts.
+  const int per = (words + kReplayThreads - 1) / kReplayThreads;
+  const int w0 = min(words, static_cast<int>(threadIdx.x) * per), w1 = min(words, w0 + per);
+  int count = 0;
+  for (int w = w0; w < w1; ++w) count += __popc(chosen[w]);
+  int offset = 0;
+  Scan(scan_storage).ExclusiveSum(count, offset);
+  for (int w = w0; w < w1; ++w)
+    for (unsigned bits = chosen[w]; bits; bits &= bits - 1) {
+      const int c = w * 32 + __ffs(static_cast<int>(bits)) - 1;
+      sel[offset] = c;
+      pv[offset] = c;
+      ++offset;
+    }
+}
+
 __global__ void fill_uniform_kernel(D* p, std::size_t n, unsigned seed, float center, float half_width) {
   for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
@@ -238,6 +323,7 @@ struct Options {
   std::vector<std::string> value_cache{"0", "auto"};
   std::vector<int> batches;  // explicit; empty: the planner's
   std::vector<double> batch_fractions{1.0, 0.5, 0.25};
+  std::vector<double> what_if{0.0, 0.6, 0.8};  // replayed reuse fractions, at the largest batch
   int max_batch = 0;
   int warmup = 5;
   int steps = 20;
@@ -548,6 +634,53 @@ class Attention {
   std::vector<std::unique_ptr<Object>> objects_;
 };
 
+/// Landmarks per KV head of a prompt of `context` tokens (what the index holds).
+index_t landmarks_of(const Config& cfg, long long context) {
+  return context / cfg.chunk_size - cfg.local_chunks - cfg.resolved_outlier_chunks();
+}
+
+/// The what-if mode: installs `replay_selection_kernel` as the selection hook of every layer's
+/// object for one run, and removes it when destroyed. The batch's ids must be 0 .. b-1 in order
+/// (the harness's own), which index the previous-selection state.
+class SelectionReplay {
+ public:
+  template <class Attn>
+  SelectionReplay(Attn& attn, int batch, int layers, int kv_heads, int k, double reuse, index_t landmarks,
+                  cudaStream_t stream)
+      : prev_(static_cast<std::size_t>(batch) * layers * kv_heads * k, stream), calls_(layers, 0) {
+    SHADOWKV_CUDA_CHECK(cudaMemsetAsync(prev_.data(), 0xff, prev_.bytes(), stream));  // -1: no step yet
+    const int words = static_cast<int>((landmarks + 31) / 32);
+    const std::size_t smem = 2 * sizeof(unsigned) * static_cast<std::size_t>(words);
+    SHADOWKV_CHECK(smem <= 200 * 1024, "what-if replay: ", landmarks, " landmarks exceed the kernel's shared memory");
+    SHADOWKV_CUDA_CHECK(cudaFuncSetAttribute(replay_selection_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                             static_cast<int>(smem)));
+    for (int l = 0; l < layers; ++l) {
+      auto& object = attn.at(l);
+      const int layer = l;
+      object.set_selection_hook([this, layer, layers, reuse, words, smem](const skc::SelectionHookArgs& a,
+                                                                          cudaStream_t st) {
+        for (std::size_t i = 0; i < a.ids.size(); ++i)
+          SHADOWKV_CHECK(a.ids[i] == static_cast<SeqId>(i), "what-if replay: batch ids must be 0..b-1 in order");
+        replay_selection_kernel<<<dim3(a.num_kv_heads, static_cast<unsigned>(a.ids.size())), kReplayThreads, smem, st>>>(
+            a.selected, a.num_landmarks, prev_.data(), layers, layer, a.num_kv_heads, a.k, static_cast<float>(reuse),
+            calls_[layer]++, words);
+        SHADOWKV_CUDA_CHECK_LAUNCH();
+      });
+      objects_.push_back([&object] { object.set_selection_hook({}); });
+    }
+  }
+  SelectionReplay(const SelectionReplay&) = delete;
+  SelectionReplay& operator=(const SelectionReplay&) = delete;
+  ~SelectionReplay() {
+    for (auto& remove : objects_) remove();
+  }
+
+ private:
+  skc::DeviceBuffer<std::int32_t> prev_;
+  std::vector<unsigned> calls_;
+  std::vector<std::function<void()>> objects_;  // removes the hook of each layer's object
+};
+
 /// Random pre-RoPE keys and values for `n` tokens of (sequence, layer), chunk by chunk, through
 /// prefill; finish_prefill where the object is complete.
 template <class Policy>
@@ -556,7 +689,9 @@ void prefill_sequence(Attention<Policy>& attn, SeqId id, const ModelShape& s, lo
                       cudaStream_t stream) {
   const long long kv = s.kv_dim();
   for (auto& o : attn.objects()) o->add_sequence(id);
+  if (attn.single()) attn.at(0).reserve_prompt(id, context, stream);  // staging allocated once
   for (int l = 0; l < s.layers; ++l) {
+    if (!attn.single()) attn.at(l).reserve_prompt(id, context, stream);
     for (long long t0 = 0; t0 < context; t0 += chunk) {
       const long long n = std::min(chunk, context - t0);
       const unsigned sd = seed * 2654435761u + static_cast<unsigned>(id) * 40503u + static_cast<unsigned>(l) * 977u +
@@ -631,7 +766,7 @@ const char* policy_name(bool sparse) { return sparse ? "shadowkv" : "dense"; }
 /// Generated tokens the planner provisions per sequence: sequence 0 decodes in every run of a
 /// configuration, rounded up to the 256-token blocks generated rows are allocated in.
 index_t planned_generated(const Options& o) {
-  const int runs = static_cast<int>(std::max(o.batches.size(), o.batch_fractions.size()));
+  const int runs = static_cast<int>(std::max(o.batches.size(), o.batch_fractions.size()) + o.what_if.size());
   return (static_cast<index_t>(runs) * (o.warmup + o.steps) + 255) / 256 * 256;
 }
 
@@ -707,7 +842,9 @@ void run_policy(const Options& o, const ModelShape& s, const Config& base_cfg, l
       const std::size_t slope = plan_sequence<Policy>(one, s.layers, context, generated, DType::bf16).device_bytes -
                                 plan0.device_bytes;  // per chunk of capacity, per sequence
       const std::size_t per_seq = device_budget / b_max;
-      const std::size_t extra = per_seq > plan0.device_bytes ? (per_seq - plan0.device_bytes) / slope : 0;
+      // 10% of the room is left to the allocator (pool granularity, fragmentation between the
+      // staging freed at each finish_prefill and the state kept).
+      const std::size_t extra = per_seq > plan0.device_bytes ? (per_seq - plan0.device_bytes) / 10 * 9 / slope : 0;
       cfg.value_cache_chunks = static_cast<int>(std::min<std::size_t>(cfg.budget_chunks() + extra, cap_limit));
       if (cfg.value_cache_chunks < cfg.budget_chunks()) cfg.value_cache_chunks = cfg.budget_chunks();
     }
@@ -754,8 +891,16 @@ void run_policy(const Options& o, const ModelShape& s, const Config& base_cfg, l
              free_before / kGiB, free_after / kGiB);
 
     index_t generated0 = 0;  // tokens sequence 0 has decoded
-    for (int b : batches) {
+    // Runs (batch b, what-if reuse fraction or -1 for the selections as seen).
+    std::vector<std::pair<int, double>> runs;
+    for (int b : batches) runs.emplace_back(b, -1.0);
+    if constexpr (kSparse)
+      for (double f : o.what_if) runs.emplace_back(b_max, f);
+    for (const auto& [b, reuse] : runs) {
       std::span<const SeqId> run_ids(ids.data(), b);
+      std::optional<SelectionReplay> replay;
+      if constexpr (kSparse)
+        if (reuse >= 0) replay.emplace(attn, b, s.layers, s.kv_heads, cfg.budget_chunks(), reuse, landmarks_of(cfg, context), stream);
       generated0 += o.warmup + o.steps;
       // Fresh random first tokens.
       std::vector<std::int32_t> first(b);
@@ -794,10 +939,15 @@ void run_policy(const Options& o, const ModelShape& s, const Config& base_cfg, l
       row.planned_device_bytes_per_seq = now.device_bytes;
       row.planned_host_bytes_per_seq = now.host_bytes;
       row.pcie_mb_per_step = st.pcie_bytes / 1e6 / o.steps;
+      if (reuse >= 0) {
+        char mode[32];
+        std::snprintf(mode, sizeof mode, "replay-%.0f%%", reuse * 100);
+        row.mode = mode;
+      }
       row.attention_hbm_mb_per_step = st.hbm_bytes / 1e6 / o.steps;
-      progress("%s %lld batch %d: %.2f ms/step, %.1f tokens/s, hit rate %s, PCIe %.1f MB/step", name, context, b,
-               row.ms_per_step, row.tokens_per_s, row.has_hit_rate ? num_or_null(row.hit_rate * 100, true, 4).c_str() : "-",
-               row.pcie_mb_per_step);
+      progress("%s %lld batch %d (%s): %.2f ms/step, %.1f tokens/s, hit rate %s%%, PCIe %.1f MB/step", name, context,
+               b, row.mode.c_str(), row.ms_per_step, row.tokens_per_s,
+               row.has_hit_rate ? num_or_null(row.hit_rate * 100, true, 4).c_str() : "-", row.pcie_mb_per_step);
       report.rows.push_back(row);
       write_json(report, o.json);  // after every row: a run cut short still leaves its rows
     }
@@ -822,10 +972,12 @@ std::pair<double, double> time_build(const Options& o, const ModelShape& s, cons
   fill_uniform(v.data(), v.size(), o.seed + 78u, 0.f, 1.f, stream);
   Attention<Policy> attn(cfg, s.layers, o.single_object);
   for (auto& obj : attn.objects()) obj->add_sequence(0);
+  if (attn.single()) attn.at(0).reserve_prompt(0, context, stream);
   SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
   double finish_ms = 0;
   EventTimer total(stream);
   for (int l = 0; l < s.layers; ++l) {
+    if (!attn.single()) attn.at(l).reserve_prompt(0, context, stream);
     for (long long c = 0; c < n_chunks; ++c) {
       const long long t0 = c * chunk, n = std::min(chunk, context - t0);
       attn.at(l).prefill(0, attn.local(l), {},
@@ -873,15 +1025,15 @@ std::optional<std::pair<double, double>> fit_dense(const std::vector<Row>& rows,
 }
 
 void print_table(const Report& r) {
-  std::printf("\n%-9s %8s %6s %8s %7s %10s %10s %8s %10s %10s %9s\n", "policy", "context", "batch", "planner", "vcache",
-              "tokens/s", "ms/step", "hit", "dev GiB/sq", "host GiB/sq", "PCIe MB");
+  std::printf("\n%-9s %8s %6s %8s %7s %-11s %10s %10s %8s %10s %10s %9s\n", "policy", "context", "batch", "planner",
+              "vcache", "mode", "tokens/s", "ms/step", "hit", "dev GiB/sq", "host GiB/sq", "PCIe MB");
   for (const Row& w : r.rows) {
     char vc[24] = "-";
     if (w.policy != "dense") std::snprintf(vc, sizeof vc, "%d", w.value_cache_chunks);
     char hit[16] = "-";
     if (w.has_hit_rate) std::snprintf(hit, sizeof hit, "%.1f%%", w.hit_rate * 100);
-    std::printf("%-9s %8lld %6d %8d %7s %10.1f %10.2f %8s %10.3f %10.3f %9.1f\n", w.policy.c_str(), w.context, w.batch,
-                w.planner_batch, vc, w.tokens_per_s, w.ms_per_step, hit, w.device_bytes_per_seq / kGiB,
+    std::printf("%-9s %8lld %6d %8d %7s %-11s %10.1f %10.2f %8s %10.3f %10.3f %9.1f\n", w.policy.c_str(), w.context,
+                w.batch, w.planner_batch, vc, w.mode.c_str(), w.tokens_per_s, w.ms_per_step, hit, w.device_bytes_per_seq / kGiB,
                 w.host_bytes_per_seq / kGiB, w.pcie_mb_per_step);
   }
   // The issue's two ratios per context: ShadowKV at its largest batch against dense at dense's
@@ -901,12 +1053,12 @@ void print_table(const Report& r) {
       bool largest = true;  // the largest batch of its (context, value cache) configuration
       for (const Row& x : r.rows)
         if (x.policy == w.policy && x.context == ctx && x.value_cache_mode == w.value_cache_mode &&
-            x.value_cache_chunks == w.value_cache_chunks && x.batch > w.batch)
+            x.value_cache_chunks == w.value_cache_chunks && x.mode == w.mode && x.batch > w.batch)
           largest = false;
       if (!largest) continue;
       if (!header) {
-        std::printf("\n%-8s %-8s %6s %10s %14s %16s\n", "context", "vcache", "batch", "tokens/s", "vs dense max",
-                    "vs dense unlim.");
+        std::printf("\n%-8s %-8s %-11s %6s %10s %14s %16s\n", "context", "vcache", "mode", "batch", "tokens/s",
+                    "vs dense max", "vs dense unlim.");
         header = true;
       }
       char a[32] = "-", b[32] = "-";
@@ -915,7 +1067,8 @@ void print_table(const Report& r) {
         const double t = fit->first + fit->second * w.batch;
         if (t > 0) std::snprintf(b, sizeof b, "%.2fx", w.tokens_per_s / (w.batch / (t / 1e3)));
       }
-      std::printf("%-8lld %-8s %6d %10.1f %14s %16s\n", ctx, w.value_cache_mode.c_str(), w.batch, w.tokens_per_s, a, b);
+      std::printf("%-8lld %-8s %-11s %6d %10.1f %14s %16s\n", ctx, w.value_cache_mode.c_str(), w.mode.c_str(), w.batch,
+                  w.tokens_per_s, a, b);
     }
   }
   const PrefillOverhead& p = r.prefill;
@@ -1057,7 +1210,7 @@ int main(int argc, char** argv) {
       "device and host bytes per sequence (memory()). Last, the ShadowKV build time of one\n"
       "--prefill-overhead-context sequence (compare with bench/prefill_sdpa.py). The table comes last;\n"
       "--json writes the rows after each one, so a run cut short keeps what it measured.\n\n"
-      "Hit rates are those seen with random weights and random prompts (no what-if replay yet).",
+      "Hit rates are those seen with random weights and random prompts (rows with mode \"seen\"); the replay-N% rows bracket them with synthetic selection traces.",
       "throughput"};
   app.get_formatter()->column_width(34);
   app.add_flag("--quick", o.quick,
@@ -1097,6 +1250,15 @@ int main(int argc, char** argv) {
       ->delimiter(',')
       ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
+  app.add_option("--what-if", o.what_if,
+                 "ShadowKV only, at the largest batch: extra runs whose selections are replaced by a synthetic "
+                 "trace reusing this fraction of the previous step's chunks per (sequence, layer, KV head), the "
+                 "rest random chunks it did not select (rows with mode replay-N%)")
+      ->delimiter(',')
+      ->check(CLI::Range(0.0, 1.0))
+      ->capture_default_str();
+  bool no_what_if = false;
+  app.add_flag("--no-what-if", no_what_if, "leave out the what-if runs");
   app.add_option("--max-batch", o.max_batch, "cap on the planner's batch (0: none)")
       ->check(CLI::Range(0, 8191))
       ->capture_default_str();
@@ -1142,7 +1304,9 @@ int main(int argc, char** argv) {
       if (unset("--warmup")) o.warmup = 2;
       if (unset("--steps")) o.steps = 5;
       if (unset("--prefill-overhead-context")) o.prefill_overhead_context = 32768;
+      if (unset("--what-if")) o.what_if = {0.6};
     }
+    if (no_what_if) o.what_if.clear();
   } catch (const CLI::ParseError& e) {
     const int rc = app.exit(e);  // prints the help, or the error naming the option
     return rc == 0 ? 0 : 2;

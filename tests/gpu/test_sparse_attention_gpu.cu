@@ -113,6 +113,10 @@ CaseResult run_case(const Config& cfg, const std::vector<index_t>& prompts, int 
     cpu.add_sequence(id);
     gpu.add_sequence(id);
     const SequenceInputs<T>& in = ins.back();
+    if (s % 2 == 1) {  // every other sequence reserves its staging first (a shorter guess grows)
+      cpu.reserve_prompt(id, in.prompt);
+      gpu.reserve_prompt(id, s % 4 == 1 ? in.prompt : in.prompt / 2, stream);
+    }
     for (index_t t0 = 0; t0 < in.prompt; t0 += prefill_chunk) {
       const index_t n = std::min(prefill_chunk, in.prompt - t0);
       for (int l = 0; l < layers; ++l) {

@@ -83,6 +83,21 @@ class SparseAttention<Policy, CpuBackend, T> {
   /// Prompt length (valid after `finish_prefill`).
   index_t prompt_length(SeqId id) const { return find(id)->second.prompt_length; }
 
+  /// Optional: reserves the staging of every layer for a prompt of `tokens` tokens, so that the
+  /// `prefill` calls that follow append without reallocating (the CUDA backend's method of the
+  /// same name allocates device staging once).
+  void reserve_prompt(SeqId id, index_t tokens) {
+    Sequence& s = find(id)->second;
+    SHADOWKV_CHECK(!s.prefilled, "sequence id=", id, " is already prefilled (finish_prefill was called)");
+    SHADOWKV_CHECK(tokens >= 0, "tokens=", tokens, " must not be negative");
+    const std::size_t elems = static_cast<std::size_t>(tokens) * config_.num_kv_heads * config_.head_dim;
+    for (LayerState& st : s.layers) {
+      st.staged_k.reserve(elems);
+      st.staged_v.reserve(elems);
+      if constexpr (kLowRank) st.staged_k_pre.reserve(elems);
+    }
+  }
+
   /// Appends prompt tokens of one layer.
   /// \param keys_pre_rope `[n, H_kv, d]`   \param values `[n, H_kv, d]`
   /// \param queries `[n, H_q, d]` pre-RoPE, or empty: then no attention is computed (an

@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <optional>
 #include <span>
@@ -152,6 +153,30 @@ __global__ void accumulate_counters_kernel(C* counters) {
 
 }  // namespace cuda::detail
 
+namespace cuda {
+
+/// What a selection hook sees (`SparseAttention::set_selection_hook`): the chunks the top-k chose
+/// in one `decode` call of one layer, before the value pool and the attention use them.
+struct SelectionHookArgs {
+  int layer = 0;
+  std::span<const SeqId> ids;      ///< the call's sequences, in batch order
+  int num_kv_heads = 0;
+  int k = 0;                       ///< entries per (sequence, KV head)
+  /// Device `[batch, H_kv, k]`: landmark indices in `[0, num_landmarks[b])`, ascending, `-1`
+  /// past the end of a row when the sequence has fewer than `k` landmarks. A hook may rewrite
+  /// it in place (distinct valid indices, or `-1`), stream-ordered on the stream it is given.
+  std::int32_t* selected = nullptr;
+  const int* num_landmarks = nullptr;  ///< device `[batch]`
+};
+
+/// Called on the host inside `decode`, after the selection is enqueued and before anything reads
+/// it; it must only enqueue work on the stream it is given (no synchronisation is needed).
+/// Engines use it to log or override selections; the throughput harness replays synthetic
+/// selection traces through it.
+using SelectionHook = std::function<void(const SelectionHookArgs&, cudaStream_t)>;
+
+}  // namespace cuda
+
 /// Attention of a multi-layer model over a ragged batch of sequences with a policy, on the GPU.
 /// Same life of a sequence as the CPU backend (`add_sequence`, `prefill` per chunk and layer,
 /// `finish_prefill`, `decode` per step and layer, `remove_sequence`); queries and keys are passed
@@ -218,6 +243,10 @@ class SparseAttention<Policy, CudaBackend, T> {
 
   const Config& config() const { return config_; }
   int num_layers() const { return num_layers_; }
+
+  /// Installs (or, with an empty function, removes) a hook that sees, and may rewrite, every
+  /// selection `decode` makes (sparse policies; see `cuda::SelectionHook`).
+  void set_selection_hook(cuda::SelectionHook hook) { selection_hook_ = std::move(hook); }
   const RopeTable& rope() const { return rope_; }
 
   /// Registers a new, empty sequence.
@@ -244,6 +273,17 @@ class SparseAttention<Policy, CudaBackend, T> {
   }
   index_t prompt_length(SeqId id) const { return find(id)->second.prompt_length; }
 
+  /// Optional: allocates the staging of every layer for a prompt of `tokens` tokens now, so that
+  /// the `prefill` calls that follow append without growing (and copying) their buffers; a
+  /// longer prompt still grows them. Device memory: `(3 for ShadowKV, else 2) · tokens · H_kv · d`
+  /// elements per layer, until `finish_prefill`.
+  void reserve_prompt(SeqId id, index_t tokens, cudaStream_t stream) {
+    Sequence& s = find(id)->second;
+    SHADOWKV_CHECK(!s.prefilled, "sequence id=", id, " is already prefilled (finish_prefill was called)");
+    SHADOWKV_CHECK(tokens >= 0, "tokens=", tokens, " must not be negative");
+    for (LayerState& st : s.layers) reserve_staging(st, tokens, stream);
+  }
+
   /// Appends prompt tokens of one layer (device tensors).
   /// \param keys_pre_rope `[n, H_kv, d]`   \param values `[n, H_kv, d]`
   /// \param queries `[n, H_q, d]` pre-RoPE, or empty: then no attention is computed
@@ -268,13 +308,7 @@ class SparseAttention<Policy, CudaBackend, T> {
     LayerState& st = s.layers[layer];
     const index_t start = st.length;
     const std::size_t row = kv_row();
-    if (start + n > st.staged_capacity) {
-      const index_t cap = std::max<index_t>(start + n, st.staged_capacity * 2);
-      grow(st.staged_k, start, cap, stream);
-      grow(st.staged_v, start, cap, stream);
-      if constexpr (kLowRank) grow(st.staged_k_pre, start, cap, stream);
-      st.staged_capacity = cap;
-    }
+    if (start + n > st.staged_capacity) reserve_staging(st, std::max<index_t>(start + n, st.staged_capacity * 2), stream);
     SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(st.staged_v.data() + start * row, values.data, n * row * sizeof(T),
                                         cudaMemcpyDeviceToDevice, stream));
     cuda::RopeRowsParams<D, D> rp;
@@ -347,7 +381,10 @@ class SparseAttention<Policy, CudaBackend, T> {
     last_step_has_pool_ = false;
     if (b == 0) return;
     upload_rope(stream);
+    current_layer_ = layer;
+    current_ids_ = ids;
     decode_batch(batch, queries, keys_pre_rope, values, out, stream);
+    current_ids_ = {};
   }
 
   /// Prompt chunk ids the last decode of (`id`, `layer`) selected for `kv_head`, ascending
@@ -493,6 +530,15 @@ class SparseAttention<Policy, CudaBackend, T> {
   }
 
   /// Replaces `buf` by one of `capacity` token rows keeping its first `rows` rows.
+  /// Grows the staged prompt of `st` to hold `capacity` tokens (never shrinks).
+  void reserve_staging(LayerState& st, index_t capacity, cudaStream_t stream) {
+    if (capacity <= st.staged_capacity) return;
+    grow(st.staged_k, st.length, capacity, stream);
+    grow(st.staged_v, st.length, capacity, stream);
+    if constexpr (kLowRank) grow(st.staged_k_pre, st.length, capacity, stream);
+    st.staged_capacity = capacity;
+  }
+
   void grow(cuda::DeviceBuffer<D>& buf, index_t rows, index_t capacity, cudaStream_t stream) {
     cuda::DeviceBuffer<D> bigger(static_cast<std::size_t>(capacity) * kv_row(), stream, *allocator_);
     if (rows > 0)
@@ -848,6 +894,16 @@ class SparseAttention<Policy, CudaBackend, T> {
         tp.k = k;
         tp.max_landmarks = max_m;
         cuda::select_top_k(tp, stream);
+        if (selection_hook_) {
+          cuda::SelectionHookArgs ha;
+          ha.layer = current_layer_;
+          ha.ids = current_ids_;
+          ha.num_kv_heads = hkv;
+          ha.k = k;
+          ha.selected = selected;
+          ha.num_landmarks = nlm;
+          selection_hook_(ha, stream);
+        }
       }
       // The record of the selection (and the oracle's chunk lists, outliers first).
       if (k > 0 || lists) {
@@ -941,6 +997,9 @@ class SparseAttention<Policy, CudaBackend, T> {
     s.hbm_bytes += counters[2] * c * (r + 2 * d) * sz + counters[3] * r * d * sz;
   }
 
+  cuda::SelectionHook selection_hook_;
+  int current_layer_ = 0;               // the decode call in progress, for the hook
+  std::span<const SeqId> current_ids_;
   Config config_;
   int num_layers_;
   cuda::DeviceAllocator* allocator_;
