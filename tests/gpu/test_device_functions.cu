@@ -18,6 +18,7 @@
 #include "gpu_test_util.cuh"
 
 using namespace shadowkv;
+namespace skc = shadowkv::cuda;
 
 TEST_SUITE_BEGIN("gpu_device_functions");
 
@@ -362,6 +363,62 @@ TEST_CASE("gpu: SHADOWKV_CUDA_CHECK throws shadowkv::Error naming the call and c
   }
   CHECK(cudaGetLastError() == cudaSuccess);
   CHECK_NOTHROW(SHADOWKV_CUDA_CHECK(cudaDeviceSynchronize()));
+}
+
+namespace {
+/// Counts the blocks it hands out and takes back (plain heap memory: no CUDA involved).
+class CountingHostAllocator final : public skc::HostAllocator {
+ public:
+  void* allocate(std::size_t bytes) override {
+    ++allocations;
+    return ::operator new(bytes);
+  }
+  void deallocate(void* ptr, std::size_t) noexcept override {
+    ++deallocations;
+    ::operator delete(ptr);
+  }
+  int allocations = 0, deallocations = 0;
+};
+}  // namespace
+
+TEST_CASE("gpu: CachingHostAllocator reuses blocks of the same size, honours its limit, releases upstream") {
+  CountingHostAllocator upstream;
+  {
+    skc::CachingHostAllocator cache(upstream, /*max_cached_bytes=*/3000);
+    void* a = cache.allocate(1000);
+    void* b = cache.allocate(2000);
+    CHECK(upstream.allocations == 2);
+    cache.deallocate(a, 1000);
+    CHECK(cache.cached_bytes() == 1000);
+    CHECK(cache.allocate(1000) == a);  // the same size: the cached block, nothing new
+    CHECK(upstream.allocations == 2);
+    void* c = cache.allocate(1000);  // none cached any more: upstream
+    CHECK(upstream.allocations == 3);
+    cache.deallocate(a, 1000);
+    cache.deallocate(b, 2000);
+    CHECK(cache.cached_bytes() == 3000);
+    cache.deallocate(c, 1000);  // over the limit: straight back upstream
+    CHECK(upstream.deallocations == 1);
+    CHECK(cache.cached_bytes() == 3000);
+    CHECK(cache.allocate(0) == nullptr);
+    cache.release();
+    CHECK(upstream.deallocations == 3);
+    CHECK(cache.cached_bytes() == 0);
+    cache.deallocate(cache.allocate(500), 500);  // left cached: the destructor releases it
+  }
+  CHECK(upstream.allocations == upstream.deallocations);
+  // Pinned buffers through it: the memory is mapped (a kernel-visible address exists).
+  if (!cuda_device_available()) return;
+  skc::CachingHostAllocator pinned;
+  const float* first = nullptr;
+  {
+    skc::PinnedBuffer<float> buf(1024, pinned);
+    first = buf.data();
+    CHECK(buf.device_data() != nullptr);
+  }
+  skc::PinnedBuffer<float> again(1024, pinned);
+  CHECK(again.data() == first);
+  CHECK(pinned.cached_bytes() == 0);
 }
 
 TEST_SUITE_END();

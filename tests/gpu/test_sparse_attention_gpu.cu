@@ -22,6 +22,7 @@
 #include "gpu_test_util.cuh"
 
 using namespace shadowkv;
+namespace skc = shadowkv::cuda;
 using skv_test::rel_error;
 using skv_test::to_double;
 
@@ -91,15 +92,17 @@ struct CaseResult {
 
 /// Runs the same prompts and decode steps through both backends and compares.
 /// \param prefill_chunk prompt tokens per prefill call   \param queries prefill with queries
+/// \param host_allocator the GPU object's (default: the library's default)
 template <class Policy, class T>
 CaseResult run_case(const Config& cfg, const std::vector<index_t>& prompts, int layers, index_t steps,
-                    index_t prefill_chunk, bool queries, std::mt19937_64& rng, bool expect_exact) {
+                    index_t prefill_chunk, bool queries, std::mt19937_64& rng, bool expect_exact,
+                    skc::HostAllocator& host_allocator = skc::default_host_allocator()) {
   TestStream ts;
   const cudaStream_t stream = ts.get();
   const int hq = cfg.num_q_heads, hkv = cfg.num_kv_heads, d = cfg.head_dim;
   const index_t qrow = static_cast<index_t>(hq) * d, kvrow = static_cast<index_t>(hkv) * d;
   SparseAttention<Policy, CpuBackend, T> cpu(cfg, layers);
-  SparseAttention<Policy, CudaBackend, T> gpu(cfg, layers);
+  SparseAttention<Policy, CudaBackend, T> gpu(cfg, layers, skc::default_allocator(), host_allocator);
   std::vector<SequenceInputs<T>> ins;
   std::vector<SeqId> ids;
   const double tol = 2 * skv_test::attention_tolerance<T>();
@@ -299,6 +302,15 @@ TEST_CASE("gpu sparse_attention: partial budgets select as the CPU backend, with
     CHECK(oracle.matching_heads >= 0.95 * oracle.compared_heads);
     const CaseResult shadow16 = run_case<ShadowKVPolicy, fp16>(cfg, prompts, 1, 5, 517, false, rng, false);
     CHECK(shadow16.matching_heads >= 0.95 * shadow16.compared_heads);
+    // Offloaded values from a caching host allocator, twice: the second run's pools reuse the
+    // first's blocks (same prompt lengths), whose old contents must not leak into the result.
+    skc::CachingHostAllocator cache;
+    for (int round = 0; round < 2; ++round) {
+      CAPTURE(round);
+      const CaseResult cached = run_case<ShadowKVPolicy, float>(cfg, prompts, 2, 6, 128, false, rng, false, cache);
+      CHECK(cached.matching_heads >= 0.95 * cached.compared_heads);
+      CHECK(cache.cached_bytes() > 0);
+    }
   }
 }
 

@@ -6,6 +6,9 @@
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
+#include <cstdint>
+#include <map>
+#include <mutex>
 #include <utility>
 
 #include "../core/error.hpp"
@@ -84,22 +87,123 @@ class DeviceBuffer {
   DeviceAllocator* allocator_ = nullptr;
 };
 
+/// Where the library takes pinned host memory from (the offloaded values, staging rings).
+/// Memory must be page-locked, mapped for every device (`cudaHostAllocMapped |
+/// cudaHostAllocPortable` or equivalent): kernels read and write it over PCIe. `allocate` throws
+/// `shadowkv::Error` (or returns a valid pointer); `deallocate` must not throw.
+class HostAllocator {
+ public:
+  virtual ~HostAllocator() = default;
+  virtual void* allocate(std::size_t bytes) = 0;
+  virtual void deallocate(void* ptr, std::size_t bytes) noexcept = 0;
+};
+
+/// The default: `cudaHostAlloc` / `cudaFreeHost` per buffer. Pinning is slow (tens of ms per
+/// 100 MB) and `cudaFreeHost` waits for the whole device: engines that add and remove sequences
+/// all the time want `CachingHostAllocator` over it.
+class PinnedHostAllocator final : public HostAllocator {
+ public:
+  void* allocate(std::size_t bytes) override {
+    if (bytes == 0) return nullptr;
+    void* ptr = nullptr;
+    const cudaError_t status = cudaHostAlloc(&ptr, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
+    if (status != cudaSuccess) {
+      (void)cudaGetLastError();
+      SHADOWKV_FAIL("pinned host allocation of ", bytes, " bytes failed: ", cudaGetErrorName(status), ": ",
+                    cudaGetErrorString(status));
+    }
+    return ptr;
+  }
+  void deallocate(void* ptr, std::size_t) noexcept override {
+    if (ptr) (void)cudaFreeHost(ptr);
+  }
+};
+
+/// The host allocator used when none is given.
+inline HostAllocator& default_host_allocator() {
+  static PinnedHostAllocator allocator;
+  return allocator;
+}
+
+/// Keeps freed pinned blocks and hands them out again to allocations of the same size (the
+/// value pools of sequences of one length, layer after layer), so that a sequence's arrival
+/// pins nothing and its departure frees nothing once the cache is warm. Thread-safe.
+/// A block returns to the cache when its owner is destroyed and may be handed out at once: as
+/// for the library's objects in general, work that uses it must be ordered (one stream, or
+/// events) before the next owner's work.
+class CachingHostAllocator final : public HostAllocator {
+ public:
+  /// \param upstream where new blocks come from and where `release()` returns them
+  /// \param max_cached_bytes blocks freed beyond this go back upstream at once
+  explicit CachingHostAllocator(HostAllocator& upstream = default_host_allocator(),
+                                std::size_t max_cached_bytes = SIZE_MAX)
+      : upstream_(&upstream), max_cached_(max_cached_bytes) {}
+  CachingHostAllocator(const CachingHostAllocator&) = delete;
+  CachingHostAllocator& operator=(const CachingHostAllocator&) = delete;
+  ~CachingHostAllocator() override { release(); }
+
+  void* allocate(std::size_t bytes) override {
+    if (bytes == 0) return nullptr;
+    {
+      std::lock_guard lock(mutex_);
+      if (auto it = free_.find(bytes); it != free_.end()) {
+        void* ptr = it->second;
+        free_.erase(it);
+        cached_ -= bytes;
+        return ptr;
+      }
+    }
+    return upstream_->allocate(bytes);
+  }
+  void deallocate(void* ptr, std::size_t bytes) noexcept override {
+    if (!ptr) return;
+    {
+      std::lock_guard lock(mutex_);
+      if (cached_ + bytes <= max_cached_) {
+        try {
+          free_.emplace(bytes, ptr);
+          cached_ += bytes;
+          return;
+        } catch (...) {  // no room in the map: give the block back instead
+        }
+      }
+    }
+    upstream_->deallocate(ptr, bytes);
+  }
+  /// Gives every cached block back upstream.
+  void release() noexcept {
+    std::multimap<std::size_t, void*> blocks;
+    {
+      std::lock_guard lock(mutex_);
+      blocks.swap(free_);
+      cached_ = 0;
+    }
+    for (auto& [bytes, ptr] : blocks) upstream_->deallocate(ptr, bytes);
+  }
+  /// Bytes held in the cache (not in use).
+  std::size_t cached_bytes() const {
+    std::lock_guard lock(mutex_);
+    return cached_;
+  }
+
+ private:
+  HostAllocator* upstream_;
+  std::size_t max_cached_;
+  mutable std::mutex mutex_;
+  std::multimap<std::size_t, void*> free_;
+  std::size_t cached_ = 0;
+};
+
 /// `n` elements of `T` in pinned host memory that kernels can also read directly
-/// (`cudaHostAllocMapped`: zero-copy over PCIe). Move-only.
+/// (mapped: zero-copy over PCIe), from a `HostAllocator`. Move-only.
 template <class T>
 class PinnedBuffer {
  public:
   PinnedBuffer() = default;
-  explicit PinnedBuffer(std::size_t n) : size_(n) {
+  explicit PinnedBuffer(std::size_t n, HostAllocator& allocator = default_host_allocator())
+      : size_(n), allocator_(&allocator) {
     if (n == 0) return;
-    const cudaError_t status =
-        cudaHostAlloc(reinterpret_cast<void**>(&ptr_), n * sizeof(T), cudaHostAllocMapped | cudaHostAllocPortable);
-    if (status != cudaSuccess) {
-      (void)cudaGetLastError();
-      ptr_ = nullptr;
-      SHADOWKV_FAIL("pinned host allocation of ", n * sizeof(T), " bytes failed: ", cudaGetErrorName(status),
-                    ": ", cudaGetErrorString(status));
-    }
+    ptr_ = static_cast<T*>(allocator.allocate(n * sizeof(T)));
   }
   PinnedBuffer(PinnedBuffer&& o) noexcept { swap(o); }
   PinnedBuffer& operator=(PinnedBuffer&& o) noexcept {
@@ -109,7 +213,7 @@ class PinnedBuffer {
   PinnedBuffer(const PinnedBuffer&) = delete;
   PinnedBuffer& operator=(const PinnedBuffer&) = delete;
   ~PinnedBuffer() {
-    if (ptr_) (void)cudaFreeHost(ptr_);
+    if (ptr_) allocator_->deallocate(ptr_, size_ * sizeof(T));
   }
 
   T* data() const { return ptr_; }
@@ -123,11 +227,13 @@ class PinnedBuffer {
   void swap(PinnedBuffer& o) noexcept {
     std::swap(ptr_, o.ptr_);
     std::swap(size_, o.size_);
+    std::swap(allocator_, o.allocator_);
   }
 
  private:
   T* ptr_ = nullptr;
   std::size_t size_ = 0;
+  HostAllocator* allocator_ = nullptr;
 };
 
 }  // namespace shadowkv::cuda

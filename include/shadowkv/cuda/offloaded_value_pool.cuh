@@ -43,9 +43,12 @@ class OffloadedValuePool<CudaBackend, T> {
   /// \param num_chunks chunks per head on the host (>= 0, < 2^31: chunk ids are int32)
   /// \param capacity device slots per head (1 ..= `cuda::kMaxSlotCapacity`)
   /// \param stream where the buffers are allocated and initialised (slots 0, tables empty)
+  /// \param host_allocator where the host values come from   \param zero_host zero them (the
+  ///        owner may skip it when it writes every chunk before the first fetch)
   /// Throws `shadowkv::Error` naming the argument before any CUDA call.
   OffloadedValuePool(int num_kv_heads, int head_dim, int chunk_size, index_t num_chunks, int capacity,
-                     cudaStream_t stream, cuda::DeviceAllocator& allocator = cuda::default_allocator())
+                     cudaStream_t stream, cuda::DeviceAllocator& allocator = cuda::default_allocator(),
+                     cuda::HostAllocator& host_allocator = cuda::default_host_allocator(), bool zero_host = true)
       : num_kv_heads_(num_kv_heads), head_dim_(head_dim), chunk_size_(chunk_size), num_chunks_(num_chunks),
         capacity_(capacity), stream_(stream) {
     SHADOWKV_CHECK(num_kv_heads > 0, "num_kv_heads=", num_kv_heads, " must be positive");
@@ -59,8 +62,8 @@ class OffloadedValuePool<CudaBackend, T> {
     const std::size_t chunks = static_cast<std::size_t>(num_chunks);
     const std::size_t slots = static_cast<std::size_t>(capacity);
 
-    host_ = cuda::PinnedBuffer<T>(heads * chunks * chunk_elems());
-    if (host_.size()) std::memset(static_cast<void*>(host_.data()), 0, host_.size() * sizeof(T));
+    host_ = cuda::PinnedBuffer<T>(heads * chunks * chunk_elems(), host_allocator);
+    if (zero_host && host_.size()) std::memset(static_cast<void*>(host_.data()), 0, host_.size() * sizeof(T));
     device_host_ = host_.device_data();
     slots_ = cuda::DeviceBuffer<T>(heads * slots * chunk_elems(), stream, allocator);
     slot_chunk_ = cuda::DeviceBuffer<std::int32_t>(heads * slots, stream, allocator);

@@ -193,7 +193,8 @@ using SelectionHook = std::function<void(const SelectionHookArgs&, cudaStream_t)
 /// - `last_step()`, `totals()` and `last_selection()` read results back: they wait for the work
 ///   they describe.
 /// - Device memory comes from `allocator` (default: `cudaMallocAsync` pools); the offloaded
-///   values from `cudaHostAlloc` (pinned, mapped). Generated rows grow in blocks of
+///   values from `host_allocator` (default: `cudaHostAlloc` per buffer, pinned and mapped;
+///   `cuda::CachingHostAllocator` reuses them across sequences). Generated rows grow in blocks of
 ///   `kGeneratedBlock` tokens; `memory()` reports the rows held, as the planner predicts.
 template <AttentionPolicy Policy, StorageType T>
 class SparseAttention<Policy, CudaBackend, T> {
@@ -212,8 +213,10 @@ class SparseAttention<Policy, CudaBackend, T> {
 
   /// \param config validated here (head_dim must be one the kernels support, H_q/H_kv <= 16)
   /// \param num_layers > 0
-  SparseAttention(const Config& config, int num_layers, cuda::DeviceAllocator& allocator = cuda::default_allocator())
-      : config_(config), num_layers_(num_layers), allocator_(&allocator) {
+  /// \param allocator device memory   \param host_allocator the offloaded values (pinned)
+  SparseAttention(const Config& config, int num_layers, cuda::DeviceAllocator& allocator = cuda::default_allocator(),
+                  cuda::HostAllocator& host_allocator = cuda::default_host_allocator())
+      : config_(config), num_layers_(num_layers), allocator_(&allocator), host_allocator_(&host_allocator) {
     config_.validate();
     SHADOWKV_CHECK(num_layers > 0, "num_layers=", num_layers, " must be positive");
     cuda::check_kernel_head_dim(config_.head_dim);
@@ -638,7 +641,7 @@ class SparseAttention<Policy, CudaBackend, T> {
         st.keys->append(reinterpret_cast<const T*>(staged.staged_k_pre.data()), indexed,
                         static_cast<long long>(kv_row()), stream);
         const int capacity = std::max(config_.resolved_value_cache_chunks(), 1);
-        st.values.emplace(hkv, d, c, m, capacity, stream, *allocator_);
+        st.values.emplace(hkv, d, c, m, capacity, stream, *allocator_, *host_allocator_, /*zero_host=*/false);
         gather_rows(staged.staged_v, cuda::as_device(st.values->device_host_data()), m * c,
                     st.index->landmark_chunk_ids_data(), m, 0, 0, stream);
         st.key_slots = cuda::DeviceBuffer<D>(static_cast<std::size_t>(hkv) * capacity * c * d, stream, *allocator_);
@@ -1003,6 +1006,7 @@ class SparseAttention<Policy, CudaBackend, T> {
   Config config_;
   int num_layers_;
   cuda::DeviceAllocator* allocator_;
+  cuda::HostAllocator* host_allocator_;
   RopeTable rope_;
   cuda::DeviceBuffer<float> rope_device_;
   SeqMap seqs_;
