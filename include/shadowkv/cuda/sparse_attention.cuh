@@ -246,11 +246,11 @@ class SparseAttention<Policy, CudaBackend, T> {
 
   const Config& config() const { return config_; }
   int num_layers() const { return num_layers_; }
+  const RopeTable& rope() const { return rope_; }
 
   /// Installs (or, with an empty function, removes) a hook that sees, and may rewrite, every
   /// selection `decode` makes (sparse policies; see `cuda::SelectionHook`).
   void set_selection_hook(cuda::SelectionHook hook) { selection_hook_ = std::move(hook); }
-  const RopeTable& rope() const { return rope_; }
 
   /// Registers a new, empty sequence.
   void add_sequence(SeqId id) {
@@ -532,7 +532,6 @@ class SparseAttention<Policy, CudaBackend, T> {
     return r;
   }
 
-  /// Replaces `buf` by one of `capacity` token rows keeping its first `rows` rows.
   /// Grows the staged prompt of `st` to hold `capacity` tokens (never shrinks).
   void reserve_staging(LayerState& st, index_t capacity, cudaStream_t stream) {
     if (capacity <= st.staged_capacity) return;
@@ -542,6 +541,7 @@ class SparseAttention<Policy, CudaBackend, T> {
     st.staged_capacity = capacity;
   }
 
+  /// Replaces `buf` by one of `capacity` token rows keeping its first `rows` rows.
   void grow(cuda::DeviceBuffer<D>& buf, index_t rows, index_t capacity, cudaStream_t stream) {
     cuda::DeviceBuffer<D> bigger(static_cast<std::size_t>(capacity) * kv_row(), stream, *allocator_);
     if (rows > 0)
