@@ -647,6 +647,102 @@ void bm_prefill_build(benchmark::State& state) {
   (void)cudaStreamDestroy(stream);
 }
 
+__global__ void gram_to_kernel(const float* g, float* f, double* d, std::size_t n) {
+  for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::size_t>(gridDim.x) * blockDim.x) {
+    f[i] = g[i];
+    d[i] = g[i];
+  }
+}
+
+/// Candidates for the build's eigensolve of the key Gram `KᵀK` (n = H_kv·d = 1024, r = 160):
+///   solver 0: cusolverDnXsyevd, float64 (what LowRankKeyStore runs now)
+///   solver 1: cusolverDnXsyevd, float32
+///   solver 2: cusolverDnXsyevdx, float64, only the top r eigenpairs
+///   solver 3: cusolverDnXsyevdx, float32, only the top r eigenpairs
+///   solver 4: cusolverDnXsyevBatched, float64, `batch` matrices in one call
+///   solver 5: cusolverDnXsyevBatched, float32, `batch` matrices in one call
+/// Time per matrix (a batch's time / batch), CUDA events, the Gram copied in each iteration.
+/// The Gram comes from 16384 random bf16 key rows through cuBLAS, as the build makes it.
+void bm_eigensolve(benchmark::State& state) {
+  const int solver = static_cast<int>(state.range(0));
+  const int batch = static_cast<int>(state.range(1));
+  constexpr int n = kHkv * kD, r = 160;
+  constexpr long long rows = 16384;
+  const bool dbl = solver % 2 == 0;
+  const cudaDataType type = dbl ? CUDA_R_64F : CUDA_R_32F;
+  const std::size_t esz = dbl ? sizeof(double) : sizeof(float);
+  cudaStream_t stream;
+  SHADOWKV_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  {
+    skc::DeviceBuffer<D> keys(static_cast<std::size_t>(rows) * n, stream);
+    fill_random<<<1024, 256, 0, stream>>>(keys.data(), keys.size(), 21u);
+    SHADOWKV_CUDA_CHECK_LAUNCH();
+    const std::size_t elems = static_cast<std::size_t>(n) * n;
+    skc::DeviceBuffer<float> gram(elems, stream), gram_f(elems, stream);
+    skc::DeviceBuffer<double> gram_d(elems, stream);
+    cublasHandle_t blas = skc::thread_library_handles().blas;
+    cusolverDnHandle_t solver_h = skc::thread_library_handles().solver;
+    SHADOWKV_CUBLAS_CHECK(cublasSetStream(blas, stream));
+    SHADOWKV_CUSOLVER_CHECK(cusolverDnSetStream(solver_h, stream));
+    const float one = 1.0f, zero = 0.0f;
+    SHADOWKV_CUBLAS_CHECK(cublasGemmEx(blas, CUBLAS_OP_N, CUBLAS_OP_T, n, n, static_cast<int>(rows), &one, keys.data(),
+                                       CUDA_R_16BF, n, keys.data(), CUDA_R_16BF, n, &zero, gram.data(), CUDA_R_32F, n,
+                                       CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+    gram_to_kernel<<<1024, 256, 0, stream>>>(gram.data(), gram_f.data(), gram_d.data(), elems);
+    SHADOWKV_CUDA_CHECK_LAUNCH();
+    const void* src = dbl ? static_cast<const void*>(gram_d.data()) : static_cast<const void*>(gram_f.data());
+    const int mats = solver >= 4 ? batch : 1;
+    skc::DeviceBuffer<std::byte> a(esz * elems * mats, stream), w(esz * n * mats, stream);
+    skc::DeviceBuffer<int> info(static_cast<std::size_t>(mats), stream);
+    cusolverDnParams_t params;
+    SHADOWKV_CUSOLVER_CHECK(cusolverDnCreateParams(&params));
+    std::size_t dev_bytes = 0, host_bytes = 0;
+    double vl = 0, vu = 0;
+    float vlf = 0, vuf = 0;
+    void* pvl = dbl ? static_cast<void*>(&vl) : static_cast<void*>(&vlf);
+    void* pvu = dbl ? static_cast<void*>(&vu) : static_cast<void*>(&vuf);
+    std::int64_t meig = 0;
+    const auto jobz = CUSOLVER_EIG_MODE_VECTOR;
+    const auto lower = CUBLAS_FILL_MODE_LOWER;
+    if (solver <= 1)
+      SHADOWKV_CUSOLVER_CHECK(cusolverDnXsyevd_bufferSize(solver_h, params, jobz, lower, n, type, a.data(), n, type,
+                                                          w.data(), type, &dev_bytes, &host_bytes));
+    else if (solver <= 3)
+      SHADOWKV_CUSOLVER_CHECK(cusolverDnXsyevdx_bufferSize(solver_h, params, jobz, CUSOLVER_EIG_RANGE_I, lower, n, type,
+                                                           a.data(), n, pvl, pvu, n - r + 1, n, &meig, type, w.data(),
+                                                           type, &dev_bytes, &host_bytes));
+    else
+      SHADOWKV_CUSOLVER_CHECK(cusolverDnXsyevBatched_bufferSize(solver_h, params, jobz, lower, n, type, a.data(), n,
+                                                                type, w.data(), type, &dev_bytes, &host_bytes, mats));
+    skc::DeviceBuffer<std::byte> work(std::max<std::size_t>(dev_bytes, 1), stream);
+    std::vector<std::byte> host_work(std::max<std::size_t>(host_bytes, 1));
+    for (auto _ : state) {
+      for (int m = 0; m < mats; ++m)
+        SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(a.data() + m * esz * elems, src, esz * elems, cudaMemcpyDeviceToDevice, stream));
+      EventTimer t(stream);
+      if (solver <= 1)
+        SHADOWKV_CUSOLVER_CHECK(cusolverDnXsyevd(solver_h, params, jobz, lower, n, type, a.data(), n, type, w.data(),
+                                                 type, work.data(), dev_bytes, host_work.data(), host_bytes, info.data()));
+      else if (solver <= 3)
+        SHADOWKV_CUSOLVER_CHECK(cusolverDnXsyevdx(solver_h, params, jobz, CUSOLVER_EIG_RANGE_I, lower, n, type, a.data(),
+                                                  n, pvl, pvu, n - r + 1, n, &meig, type, w.data(), type, work.data(),
+                                                  dev_bytes, host_work.data(), host_bytes, info.data()));
+      else
+        SHADOWKV_CUSOLVER_CHECK(cusolverDnXsyevBatched(solver_h, params, jobz, lower, n, type, a.data(), n, type,
+                                                       w.data(), type, work.data(), dev_bytes, host_work.data(),
+                                                       host_bytes, info.data(), mats));
+      state.SetIterationTime(t.seconds() / mats);
+    }
+    int h_info = 0;
+    SHADOWKV_CUDA_CHECK(cudaMemcpy(&h_info, info.data(), sizeof(int), cudaMemcpyDeviceToHost));
+    state.counters["info"] = h_info;
+    (void)cusolverDnDestroyParams(params);
+    SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+  }
+  (void)cudaStreamDestroy(stream);
+}
+
 }  // namespace
 
 BENCHMARK(bm_shadowkv_step)
@@ -715,5 +811,17 @@ BENCHMARK(bm_prefill_build)
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond)
     ->Iterations(3);
+
+BENCHMARK(bm_eigensolve)
+    ->ArgNames({"solver", "batch"})
+    ->Args({0, 1})
+    ->Args({1, 1})
+    ->Args({2, 1})
+    ->Args({3, 1})
+    ->Args({4, 32})
+    ->Args({5, 32})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->Iterations(5);
 
 BENCHMARK_MAIN();
