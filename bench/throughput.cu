@@ -1176,7 +1176,7 @@ int run(Options& o) {
              budget.host / kGiB, o.host_gib, o.host_reserve_gib);
 
     Engine engine{&model, &act, blas, stream};
-    for (long long ctx : o.contexts)
+    for (long long ctx : o.contexts) {
       for (const std::string& p : o.policies) {
         if (p == "dense") {
           run_policy<DensePolicy>(o, s, base, ctx, 0, budget, engine, report);
@@ -1185,6 +1185,12 @@ int run(Options& o) {
             run_policy<ShadowKVPolicy>(o, s, base, ctx, parse_value_cache(vc), budget, engine, report);
         }
       }
+      // Another context needs blocks of another size: the host budget must be free again.
+      if (host_cache().cached_bytes() > 0) {
+        progress("releasing %.1f GiB of cached pinned memory", host_cache().cached_bytes() / kGiB);
+        host_cache().release();
+      }
+    }
 
     if (o.prefill_overhead_context > 0) {
       const long long ctx = o.prefill_overhead_context;

@@ -370,14 +370,18 @@ namespace {
 class CountingHostAllocator final : public skc::HostAllocator {
  public:
   void* allocate(std::size_t bytes) override {
+    if (live_bytes + bytes > limit) SHADOWKV_FAIL("counting allocator: out of memory for ", bytes, " bytes");
     ++allocations;
+    live_bytes += bytes;
     return ::operator new(bytes);
   }
-  void deallocate(void* ptr, std::size_t) noexcept override {
+  void deallocate(void* ptr, std::size_t bytes) noexcept override {
     ++deallocations;
+    live_bytes -= bytes;
     ::operator delete(ptr);
   }
   int allocations = 0, deallocations = 0;
+  std::size_t live_bytes = 0, limit = SIZE_MAX;
 };
 }  // namespace
 
@@ -405,6 +409,21 @@ TEST_CASE("gpu: CachingHostAllocator reuses blocks of the same size, honours its
     CHECK(upstream.deallocations == 3);
     CHECK(cache.cached_bytes() == 0);
     cache.deallocate(cache.allocate(500), 500);  // left cached: the destructor releases it
+  }
+  CHECK(upstream.allocations == upstream.deallocations);
+  {
+    // Upstream full, blocks of another size cached: they are released and the allocation retried.
+    upstream.limit = 4000;
+    skc::CachingHostAllocator cache(upstream);
+    cache.deallocate(cache.allocate(3000), 3000);
+    void* p = cache.allocate(2000);
+    CHECK(p != nullptr);
+    CHECK(cache.cached_bytes() == 0);
+    CHECK(upstream.live_bytes == 2000);
+    // Nothing cached to give back: the upstream error comes through.
+    CHECK(skv_test::error_message([&] { (void)cache.allocate(3000); }).find("out of memory for 3000 bytes") !=
+          std::string::npos);
+    cache.deallocate(p, 2000);
   }
   CHECK(upstream.allocations == upstream.deallocations);
   // Pinned buffers through it: the memory is mapped (a kernel-visible address exists).

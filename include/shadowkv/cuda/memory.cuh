@@ -128,7 +128,9 @@ inline HostAllocator& default_host_allocator() {
 /// Keeps freed pinned blocks and hands them out again to allocations of the same size (the
 /// value pools of sequences of one length, layer after layer), so that a sequence's arrival
 /// pins nothing and its departure frees nothing once the cache is warm. Thread-safe.
-/// A block returns to the cache when its owner is destroyed and may be handed out at once: as
+/// Cached memory stays pinned: release it (`release()`) before the host needs it for something
+/// else, e.g. before sequences of another length arrive in bulk. A block returns to the cache
+/// when its owner is destroyed and may be handed out at once: as
 /// for the library's objects in general, work that uses it must be ordered (one stream, or
 /// events) before the next owner's work.
 class CachingHostAllocator final : public HostAllocator {
@@ -142,6 +144,8 @@ class CachingHostAllocator final : public HostAllocator {
   CachingHostAllocator& operator=(const CachingHostAllocator&) = delete;
   ~CachingHostAllocator() override { release(); }
 
+  /// A cached block of exactly `bytes`, else a new one from upstream; when upstream fails and
+  /// blocks of other sizes are cached, they are released and the allocation is tried once more.
   void* allocate(std::size_t bytes) override {
     if (bytes == 0) return nullptr;
     {
@@ -153,6 +157,12 @@ class CachingHostAllocator final : public HostAllocator {
         return ptr;
       }
     }
+    try {
+      return upstream_->allocate(bytes);
+    } catch (const Error&) {
+      if (cached_bytes() == 0) throw;
+    }
+    release();
     return upstream_->allocate(bytes);
   }
   void deallocate(void* ptr, std::size_t bytes) noexcept override {
