@@ -5,8 +5,11 @@ context, say; their rows are merged).
 
     python3 bench/plot_throughput.py bench/results/throughput.json [more.json ...] \
         [--out docs/throughput.png]
+    python3 bench/plot_throughput.py bench/results/throughput.json --markdown   # the tables
 
-Needs matplotlib (present on the GPU machine). Rows with a "mode" other than "seen" (what-if
+The plot needs matplotlib (present on the GPU machine); --markdown prints docs/benchmarks.md's
+throughput tables instead (rows, and per context ShadowKV's largest batch against dense's largest
+batch and against dense's "unlimited memory" line t(B) = a + c*B fitted to the dense rows). Rows with a "mode" other than "seen" (what-if
 replays) are drawn dashed and labelled with their mode.
 """
 import argparse
@@ -19,7 +22,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("json", nargs="+", help="throughput --json output(s)")
     ap.add_argument("--out", default="docs/throughput.png", help="image to write (default docs/throughput.png)")
+    ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown instead of plotting")
     a = ap.parse_args()
+    if a.markdown:
+        rows = load_rows(a.json)
+        if rows is None:
+            return 1
+        print_markdown(rows)
+        return 0
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -75,6 +85,69 @@ def main() -> int:
     fig.savefig(a.out, dpi=130)
     print(f"wrote {a.out}")
     return 0
+
+
+def load_rows(paths):
+    rows = []
+    for path in paths:
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            print(f"error: cannot read {path}: {e}", file=sys.stderr)
+            return None
+        if "rows" not in doc:
+            print(f"error: {path} has no \"rows\" (is it throughput --json output?)", file=sys.stderr)
+            return None
+        rows += doc["rows"]
+    return rows
+
+
+def fmt_hit(r):
+    return "–" if r.get("hit_rate") is None else f"{100 * r['hit_rate']:.1f}%"
+
+
+def print_markdown(rows):
+    """The rows per context, then ShadowKV's largest batch per (value cache, mode) against dense."""
+    for ctx in sorted({r["context"] for r in rows}):
+        sub = [r for r in rows if r["context"] == ctx]
+        print(f"\n**{ctx // 1024}K**\n")
+        print("| policy | value cache (chunks/head) | mode | batch | tokens/s | ms/step | hit rate | PCIe MB/step |")
+        print("|---|---|---|---|---|---|---|---|")
+        for r in sub:
+            vc = "–" if r["policy"] == "dense" else f"{r['value_cache_chunks']} ({r['value_cache_mode']})"
+            print(f"| {r['policy']} | {vc} | {r.get('mode', 'seen')} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+                  f"{r['ms_per_step']:.2f} | {fmt_hit(r)} | {r['pcie_mb_per_step']:.0f} |")
+        dense = [r for r in sub if r["policy"] == "dense"]
+        if not dense:
+            continue
+        dmax = max(dense, key=lambda r: r["batch"])
+        fit = None
+        if len({r["batch"] for r in dense}) >= 2:
+            n = len(dense)
+            sx = sum(r["batch"] for r in dense)
+            sy = sum(r["ms_per_step"] for r in dense)
+            sxx = sum(r["batch"] ** 2 for r in dense)
+            sxy = sum(r["batch"] * r["ms_per_step"] for r in dense)
+            c = (n * sxy - sx * sy) / (n * sxx - sx * sx)
+            fit = ((sy - c * sx) / n, c)
+        print(f"\n| value cache | mode | ShadowKV batch | tokens/s | vs dense at B={dmax['batch']} | vs dense unlimited |")
+        print("|---|---|---|---|---|---|")
+        best = {}
+        for r in sub:
+            if r["policy"] == "dense":
+                continue
+            key = (r["value_cache_mode"], r.get("mode", "seen"))
+            if key not in best or r["batch"] > best[key]["batch"]:
+                best[key] = r
+        for (vc, mode), r in best.items():
+            unl = "–"
+            if fit:
+                t = fit[0] + fit[1] * r["batch"]
+                if t > 0:
+                    unl = f"{r['tokens_per_s'] / (r['batch'] / (t / 1e3)):.2f}×"
+            print(f"| {vc} | {mode} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+                  f"{r['tokens_per_s'] / dmax['tokens_per_s']:.2f}× | {unl} |")
 
 
 if __name__ == "__main__":
