@@ -986,7 +986,9 @@ std::pair<double, double> time_build(const Options& o, const ModelShape& s, cons
   skc::DeviceBuffer<D> k(static_cast<std::size_t>(context) * kv, stream), v(static_cast<std::size_t>(context) * kv, stream);
   fill_uniform(k.data(), k.size(), o.seed + 77u, 0.f, 1.f, stream);
   fill_uniform(v.data(), v.size(), o.seed + 78u, 0.f, 1.f, stream);
-  Attention<Policy> attn(cfg, s.layers, o.single_object);
+  // One object for the model, as an engine holds it: finish_prefill then batches the layers'
+  // eigensolves (the throughput runs keep one object per layer only to bound staging memory).
+  Attention<Policy> attn(cfg, s.layers, /*single=*/true);
   for (auto& obj : attn.objects()) obj->add_sequence(0);
   if (attn.single()) attn.at(0).reserve_prompt(0, context, stream);
   SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));

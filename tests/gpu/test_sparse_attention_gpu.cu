@@ -375,6 +375,37 @@ TEST_CASE("gpu LowRankKeyStore: planted low-rank keys; A·B equals the CPU store
       for (int c = 0; c < dim; ++c) dot += double(b[(c / d * r + i) * d + c % d]) * b[(c / d * r + j) * d + c % d];
       CHECK(dot == doctest::Approx(i == j ? 1.0 : 0.0).epsilon(1e-5).scale(1.0));
     }
+  // finalize_bases: three stores (the second over a different half of the keys) solved in one
+  // batched call give what each gives alone.
+  LowRankKeyStore<CudaBackend, float> s0(hkv, d, r), s1(hkv, d, r), s2(hkv, d, r), alone1(hkv, d, r);
+  s0.accumulate(dk.get(), n, dim, stream);
+  s1.accumulate(dk.get(), n / 2, dim, stream);
+  alone1.accumulate(dk.get(), n / 2, dim, stream);
+  s2.accumulate(dk.get(), n, dim, stream);
+  LowRankKeyStore<CudaBackend, float>* stores[] = {&s0, &s1, &s2};
+  LowRankKeyStore<CudaBackend, float>::finalize_bases(stores, stream);
+  alone1.finalize_basis(stream);
+  for (auto* s : {&s0, &s1, &s2, &alone1}) {
+    CHECK(s->has_basis());
+    CHECK(s->accumulated_rows() == 0);
+    s->append(dk.get(), n, dim, stream);
+  }
+  const auto k0 = product(s0.download_a(stream), s0.download_basis(stream));
+  CHECK(rel_error(k0, k_one) < 1e-5);
+  const auto k2 = product(s2.download_a(stream), s2.download_basis(stream));
+  CHECK(rel_error(k2, k_one) < 1e-5);
+  const auto k1 = product(s1.download_a(stream), s1.download_basis(stream));
+  CHECK(rel_error(k1, product(alone1.download_a(stream), alone1.download_basis(stream))) < 1e-5);
+  // Mismatched shapes and empty stores are refused before any CUDA call.
+  LowRankKeyStore<CudaBackend, float> other(hkv, d, r + 1), empty(hkv, d, r);
+  other.accumulate(dk.get(), n, dim, stream);
+  LowRankKeyStore<CudaBackend, float>* mixed[] = {&s0, &other};
+  s0.accumulate(dk.get(), n, dim, stream);
+  CHECK(skv_test::error_message([&] { LowRankKeyStore<CudaBackend, float>::finalize_bases(mixed, stream); })
+            .find("stores[1] has num_kv_heads=2, head_dim=64, rank=13") != std::string::npos);
+  LowRankKeyStore<CudaBackend, float>* with_empty[] = {&s0, &empty};
+  CHECK(skv_test::error_message([&] { LowRankKeyStore<CudaBackend, float>::finalize_bases(with_empty, stream); })
+            .find("stores[1] has no accumulate()d rows") != std::string::npos);
 }
 
 TEST_CASE("gpu sparse_attention: invalid arguments throw shadowkv::Error naming them") {

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <type_traits>
 #include <vector>
 
@@ -184,16 +185,76 @@ class LowRankKeyStore<CudaBackend, T> {
     SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
     SHADOWKV_CHECK(host_info == 0, "eigendecomposition of the key Gram matrix failed (cusolverDnDsyevd info=",
                    host_info, ")");
-    basis_ = cuda::DeviceBuffer<D>(static_cast<std::size_t>(dim) * rank_, stream, *allocator_);
-    const long long n = static_cast<long long>(dim) * rank_;
-    cuda::kernels::basis_from_eigenvectors_kernel<D><<<cuda::detail::elementwise_grid(n), 256, 0, stream>>>(
-        vectors.data(), num_kv_heads_, head_dim_, rank_, basis_.data());
-    SHADOWKV_CUDA_CHECK_LAUNCH();
-    a_ = {};
-    rows_ = 0;
-    a_capacity_ = 0;
-    gram_ = {};
-    gram_rows_ = 0;
+    take_basis(vectors.data(), stream);
+  }
+
+  /// `finalize_basis()` of several stores (same `num_kv_heads`, `head_dim`, `rank`, each with
+  /// rows accumulated) with their eigensolves batched: one `cusolverDnXsyevBatched` call per
+  /// group of Grams (up to 256 MiB of float64 matrices at a time) instead of one `syevd` each —
+  /// ~3x less time per matrix for the 1024² Grams of Llama-3.1-8B shapes. A multi-layer
+  /// `SparseAttention` builds its layers' bases this way. Handles and allocator of `stores[0]`.
+  /// Waits for the eigensolver's status once per group.
+  static void finalize_bases(std::span<LowRankKeyStore* const> stores, cudaStream_t stream) {
+    if (stores.empty()) return;
+    LowRankKeyStore& first = *stores[0];
+    for (std::size_t i = 0; i < stores.size(); ++i) {
+      SHADOWKV_CHECK(stores[i] != nullptr, "finalize_bases: stores[", i, "] is null");
+      const LowRankKeyStore& s = *stores[i];
+      SHADOWKV_CHECK(s.num_kv_heads_ == first.num_kv_heads_ && s.head_dim_ == first.head_dim_ &&
+                         s.rank_ == first.rank_,
+                     "finalize_bases: stores[", i, "] has num_kv_heads=", s.num_kv_heads_, ", head_dim=", s.head_dim_,
+                     ", rank=", s.rank_, " but stores[0] has ", first.num_kv_heads_, ", ", first.head_dim_, ", ",
+                     first.rank_);
+      SHADOWKV_CHECK(s.gram_rows_ > 0, "finalize_bases: stores[", i, "] has no accumulate()d rows");
+    }
+    if (stores.size() == 1) {
+      first.finalize_basis(stream);
+      return;
+    }
+    const int dim = first.kv_dim();
+    const long long elems = static_cast<long long>(dim) * dim;
+    const std::size_t group =
+        std::clamp<std::size_t>((std::size_t{256} << 20) / (static_cast<std::size_t>(elems) * sizeof(double)), 1,
+                                stores.size());
+    cuda::DeviceAllocator& alloc = *first.allocator_;
+    cusolverDnHandle_t solver = first.handles().solver;
+    SHADOWKV_CUSOLVER_CHECK(cusolverDnSetStream(solver, stream));
+    cusolverDnParams_t params = nullptr;
+    SHADOWKV_CUSOLVER_CHECK(cusolverDnCreateParams(&params));
+    struct ParamsGuard {
+      cusolverDnParams_t p;
+      ~ParamsGuard() { (void)cusolverDnDestroyParams(p); }
+    } guard{params};
+    for (std::size_t g0 = 0; g0 < stores.size(); g0 += group) {
+      const std::size_t nb = std::min(group, stores.size() - g0);
+      cuda::DeviceBuffer<double> vectors(nb * static_cast<std::size_t>(elems), stream, alloc);
+      cuda::DeviceBuffer<double> values(nb * static_cast<std::size_t>(dim), stream, alloc);
+      for (std::size_t b = 0; b < nb; ++b) {
+        cuda::kernels::gram_to_double_kernel<float><<<cuda::detail::elementwise_grid(elems), 256, 0, stream>>>(
+            stores[g0 + b]->gram_.data(), vectors.data() + b * elems, elems);
+        SHADOWKV_CUDA_CHECK_LAUNCH();
+      }
+      std::size_t device_bytes = 0, host_bytes = 0;
+      SHADOWKV_CUSOLVER_CHECK(cusolverDnXsyevBatched_bufferSize(
+          solver, params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, dim, CUDA_R_64F, vectors.data(), dim,
+          CUDA_R_64F, values.data(), CUDA_R_64F, &device_bytes, &host_bytes, static_cast<std::int64_t>(nb)));
+      cuda::DeviceBuffer<std::byte> work(std::max<std::size_t>(device_bytes, 1), stream, alloc);
+      std::vector<std::byte> host_work(std::max<std::size_t>(host_bytes, 1));
+      cuda::DeviceBuffer<int> info(nb, stream, alloc);
+      SHADOWKV_CUSOLVER_CHECK(cusolverDnXsyevBatched(solver, params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER,
+                                                     dim, CUDA_R_64F, vectors.data(), dim, CUDA_R_64F, values.data(),
+                                                     CUDA_R_64F, work.data(), device_bytes, host_work.data(),
+                                                     host_bytes, info.data(), static_cast<std::int64_t>(nb)));
+      std::vector<int> host_info(nb);
+      SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(host_info.data(), info.data(), nb * sizeof(int), cudaMemcpyDeviceToHost,
+                                          stream));
+      SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+      for (std::size_t b = 0; b < nb; ++b)
+        SHADOWKV_CHECK(host_info[b] == 0, "eigendecomposition of the key Gram matrix of stores[", g0 + b,
+                       "] failed (cusolverDnXsyevBatched info=", host_info[b], ")");
+      for (std::size_t b = 0; b < nb; ++b)
+        stores[g0 + b]->take_basis(vectors.data() + b * elems, stream);
+    }
   }
 
   /// Projects `num_tokens` rows onto the basis and appends them to A (positions size() ..
@@ -256,6 +317,22 @@ class LowRankKeyStore<CudaBackend, T> {
   }
 
  private:
+  /// The top `rank` of the eigenvectors `vectors` (column-major `[D, D]`, eigenvalues ascending)
+  /// become the basis; A and the Gram are cleared.
+  void take_basis(const double* vectors, cudaStream_t stream) {
+    const int dim = kv_dim();
+    basis_ = cuda::DeviceBuffer<D>(static_cast<std::size_t>(dim) * rank_, stream, *allocator_);
+    const long long n = static_cast<long long>(dim) * rank_;
+    cuda::kernels::basis_from_eigenvectors_kernel<D><<<cuda::detail::elementwise_grid(n), 256, 0, stream>>>(
+        vectors, num_kv_heads_, head_dim_, rank_, basis_.data());
+    SHADOWKV_CUDA_CHECK_LAUNCH();
+    a_ = {};
+    rows_ = 0;
+    a_capacity_ = 0;
+    gram_ = {};
+    gram_rows_ = 0;
+  }
+
   void check_keys(const T* keys, index_t num_tokens, long long token_stride) const {
     SHADOWKV_CHECK(num_tokens >= 0, "num_tokens=", num_tokens, " must be >= 0");
     SHADOWKV_CHECK(num_tokens <= 0x7fffffff, "num_tokens=", num_tokens, " exceeds 2^31-1");

@@ -351,6 +351,12 @@ class SparseAttention<Policy, CudaBackend, T> {
                      " + outlier_chunks=", config_.resolved_outlier_chunks(), ") * chunk_size=", config_.chunk_size,
                      " = ", config_.min_context(), " tokens");
     upload_rope(stream);
+    if constexpr (kLowRank) {  // every layer's eigensolve in batched cuSOLVER calls
+      using Store = LowRankKeyStore<CudaBackend, T>;
+      std::vector<Store*> stores;
+      for (LayerState& st : s.layers) stores.push_back(&*st.keys);
+      Store::finalize_bases(stores, stream);
+    }
     std::vector<LayerState> built(num_layers_);
     for (int l = 0; l < num_layers_; ++l) build_layer(s.layers[l], built[l], stream);
     s.layers = std::move(built);
@@ -637,7 +643,7 @@ class SparseAttention<Policy, CudaBackend, T> {
                                                                *allocator_);
       if constexpr (kLowRank) {
         st.keys.emplace(std::move(*staged.keys));
-        st.keys->finalize_basis(stream);
+        if (!st.keys->has_basis()) st.keys->finalize_basis(stream);
         st.keys->append(reinterpret_cast<const T*>(staged.staged_k_pre.data()), indexed,
                         static_cast<long long>(kv_row()), stream);
         const int capacity = std::max(config_.resolved_value_cache_chunks(), 1);
