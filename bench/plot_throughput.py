@@ -57,7 +57,7 @@ def main() -> int:
         return 1
 
     contexts = sorted({r["context"] for r in rows})
-    fig, axes = plt.subplots(1, len(contexts), figsize=(4.2 * len(contexts), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(contexts), figsize=(4.6 * len(contexts), 6.2), squeeze=False)
     for ax, ctx in zip(axes[0], contexts):
         lines = defaultdict(list)
         for r in rows:
@@ -79,7 +79,7 @@ def main() -> int:
         ax.set_ylabel("decode tokens/s")
         ax.set_xscale("log", base=2)
         ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6.5, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=1, frameon=False)
     fig.suptitle("Llama-3.1-8B-shaped decode throughput: " + ", ".join(sorted(devices)), fontsize=10)
     fig.tight_layout()
     fig.savefig(a.out, dpi=130)
