@@ -18,6 +18,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <exception>
 #include <functional>
 #include <map>
 #include <optional>
@@ -351,14 +352,31 @@ class SparseAttention<Policy, CudaBackend, T> {
                      " + outlier_chunks=", config_.resolved_outlier_chunks(), ") * chunk_size=", config_.chunk_size,
                      " = ", config_.min_context(), " tokens");
     upload_rope(stream);
-    if constexpr (kLowRank) {  // every layer's eigensolve in batched cuSOLVER calls
-      using Store = LowRankKeyStore<CudaBackend, T>;
-      std::vector<Store*> stores;
-      for (LayerState& st : s.layers) stores.push_back(&*st.keys);
-      Store::finalize_bases(stores, stream);
-    }
+    // Whatever happens, `stream` waits for the value offloads of the side stream before the
+    // staged prompt (freed in order on `stream`) can go; after an error the host waits too,
+    // since the half-built layers' pinned blocks may go back to a caching host allocator.
+    struct Join {
+      cudaStream_t side, main;
+      cudaEvent_t event;
+      int exceptions = std::uncaught_exceptions();
+      ~Join() {
+        if (std::uncaught_exceptions() > exceptions) (void)cudaStreamSynchronize(side);
+        if (cudaEventRecord(event, side) == cudaSuccess) (void)cudaStreamWaitEvent(main, event, 0);
+      }
+    };
     std::vector<LayerState> built(num_layers_);
-    for (int l = 0; l < num_layers_; ++l) build_layer(s.layers[l], built[l], stream);
+    {
+      Join join{side_stream_, stream, join_};
+      for (int l = 0; l < num_layers_; ++l) build_layer(s.layers[l], built[l], stream);
+      if constexpr (kLowRank) {
+        // Every layer's eigensolve in batched cuSOLVER calls, while the values are offloaded.
+        using Store = LowRankKeyStore<CudaBackend, T>;
+        std::vector<Store*> stores;
+        for (LayerState& st : s.layers) stores.push_back(&*st.keys);
+        Store::finalize_bases(stores, stream);
+        for (int l = 0; l < num_layers_; ++l) build_layer_keys(s.layers[l], built[l], stream);
+      }
+    }
     s.layers = std::move(built);
     s.prompt_length = len;
     s.prefilled = true;
@@ -642,14 +660,14 @@ class SparseAttention<Policy, CudaBackend, T> {
       st.selected_chunk_ids = cuda::DeviceBuffer<std::int32_t>(static_cast<std::size_t>(hkv) * st.k_sel, stream,
                                                                *allocator_);
       if constexpr (kLowRank) {
-        st.keys.emplace(std::move(*staged.keys));
-        if (!st.keys->has_basis()) st.keys->finalize_basis(stream);
-        st.keys->append(reinterpret_cast<const T*>(staged.staged_k_pre.data()), indexed,
-                        static_cast<long long>(kv_row()), stream);
         const int capacity = std::max(config_.resolved_value_cache_chunks(), 1);
         st.values.emplace(hkv, d, c, m, capacity, stream, *allocator_, *host_allocator_, /*zero_host=*/false);
+        // The values cross PCIe on the side stream, meanwhile the keys' eigensolves run here
+        // (finish_prefill joins the side stream before the staged prompt is freed).
+        SHADOWKV_CUDA_CHECK(cudaEventRecord(fork_, stream));
+        SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(side_stream_, fork_, 0));
         gather_rows(staged.staged_v, cuda::as_device(st.values->device_host_data()), m * c,
-                    st.index->landmark_chunk_ids_data(), m, 0, 0, stream);
+                    st.index->landmark_chunk_ids_data(), m, 0, 0, side_stream_);
         st.key_slots = cuda::DeviceBuffer<D>(static_cast<std::size_t>(hkv) * capacity * c * d, stream, *allocator_);
         SHADOWKV_CUDA_CHECK(cudaMemsetAsync(st.key_slots.data(), 0, st.key_slots.bytes(), stream));
         st.static_tokens = index_t{outliers} * c + (len - indexed);
@@ -661,6 +679,15 @@ class SparseAttention<Policy, CudaBackend, T> {
                     outliers, indexed, len, stream);
       }
     }
+  }
+
+  /// The keys of a built layer (ShadowKV): the basis (unless `finalize_bases` made it already)
+  /// and A for the indexed prompt rows.
+  void build_layer_keys(LayerState& staged, LayerState& st, cudaStream_t stream) {
+    st.keys.emplace(std::move(*staged.keys));
+    if (!st.keys->has_basis()) st.keys->finalize_basis(stream);
+    st.keys->append(reinterpret_cast<const T*>(staged.staged_k_pre.data()), st.local_begin,
+                    static_cast<long long>(kv_row()), stream);
   }
 
   /// Makes room for one more generated row of `st`.
