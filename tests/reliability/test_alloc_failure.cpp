@@ -7,6 +7,8 @@
 // second sweep destroys the object right after the failure instead. Leaks: LeakSanitizer in
 // the sanitizer build, and the injected memory resource counts its bytes back to zero.
 
+#include <algorithm>
+#include <cstring>
 #include <deque>
 #include <memory>
 #include <optional>
@@ -239,6 +241,73 @@ TEST_CASE("alloc_failure: the host memory of the offloaded values (SparseAttenti
   // The values really live there: a pool made by SparseAttention reports it.
   SparseAttention<ShadowKVPolicy> attn(Config{}, 1, &resource);
   CHECK(attn.host_memory() == &resource);
+}
+
+namespace {
+
+/// Fails each allocation that `call(object)` makes, in turn (counted first on a copy of
+/// `object`), and checks after each failure that `object` is `unchanged`. Returns the count.
+template <class T, class Call, class Check>
+std::int64_t fail_each_allocation(T& object, Call call, Check unchanged) {
+  std::int64_t allocations = 0;
+  {
+    T twin = object;
+    FailNthAllocation count(0);
+    call(twin);
+    allocations = count.report().allocations;
+  }
+  for (std::int64_t n = 1; n <= allocations; ++n) {
+    CAPTURE(n);
+    std::string what = "(no throw)";
+    {
+      FailNthAllocation fail(n);
+      try {
+        call(object);
+      } catch (const Error& e) {
+        what = e.what();
+      }
+    }
+    CHECK(contains(what, "shadowkv: out of memory"));
+    unchanged(object);
+  }
+  return allocations;
+}
+
+}  // namespace
+
+TEST_CASE("alloc_failure: a failed rebuild leaves LandmarkIndex and LowRankKeyStore as they were") {
+  const auto seed = skv_test::test_seed();
+  CAPTURE(seed);
+  std::mt19937_64 rng(seed);
+  const auto keys = random_rows<float>(rng, 48, 2, 64), other = random_rows<float>(rng, 64, 2, 64);
+
+  LandmarkIndex<CpuBackend, float> index(2, 64, 4);
+  index.build(keys.view(), 2);
+  const std::vector<std::int32_t> ids(index.landmark_chunk_ids(1).begin(), index.landmark_chunk_ids(1).end());
+  const std::vector<float> landmarks(index.landmarks(1), index.landmarks(1) + 10 * 64);
+  const std::int64_t index_allocations = fail_each_allocation(
+      index, [&](auto& i) { i.build(other.view(), 1); },
+      [&](const auto& i) {
+        CHECK(i.num_landmarks() == 10);
+        CHECK(std::equal(ids.begin(), ids.end(), i.landmark_chunk_ids(1).begin(), i.landmark_chunk_ids(1).end()));
+        CHECK(std::memcmp(i.landmarks(1), landmarks.data(), landmarks.size() * sizeof(float)) == 0);
+      });
+
+  LowRankKeyStore<CpuBackend, float> store(2, 64, 8);
+  store.build(keys.view());
+  const std::vector<float> a(store.a_data(), store.a_data() + 48 * 8);
+  auto same_store = [&](const auto& s) {
+    CHECK(s.size() == 48);
+    CHECK(std::memcmp(s.a_data(), a.data(), a.size() * sizeof(float)) == 0);
+  };
+  std::int64_t store_allocations = fail_each_allocation(
+      store, [&](auto& s) { s.build(other.view()); }, same_store);
+  store_allocations += fail_each_allocation(
+      store, [&](auto& s) { s.append(other.view()); }, same_store);
+  CHECK(index_allocations > 0);
+  CHECK(store_allocations > 0);
+  MESSAGE("components: ", index_allocations + store_allocations,
+          " failures injected into LandmarkIndex::build, LowRankKeyStore::build and ::append, each left unchanged");
 }
 
 TEST_CASE("alloc_failure: a failed fetch of the value pool leaves the pool as it was") {
