@@ -13,6 +13,7 @@
 #include <CLI/CLI.hpp>
 
 #include <chrono>
+#include <cmath>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
@@ -155,7 +156,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.0, 100.0))->capture_default_str();
   app.add_option("--top-p", o.top_p, "nucleus sampling mass, in (0, 1]")
       ->check(CLI::Range(1e-9, 1.0))->capture_default_str();
-  app.add_option("--seed", o.seed, "seed of the sampler")->capture_default_str();
+  app.add_option("--seed", o.seed, "seed of the sampler")
+      ->check(CLI::NonNegativeNumber)->capture_default_str();
   app.add_flag("--no-bos", o.no_bos, "do not put the model's bos token before a text prompt");
   try {
     app.parse(argc, argv);
@@ -165,6 +167,9 @@ int main(int argc, char** argv) {
   }
 
   try {
+    // CLI11's ranges let NaN through (every comparison with it is false).
+    if (std::isnan(o.temperature)) throw UsageError{"--temperature", "nan is not a number in [0, 100]"};
+    if (std::isnan(o.top_p)) throw UsageError{"--top-p", "nan is not a number in (0, 1]"};
     resolve_device(o);
     fs::path dir = o.model;
     if (o.model.empty()) {

@@ -10,14 +10,21 @@
 SHADOWKV_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 SHADOWKV_DEB_PACKAGES=(cmake ninja-build g++ libeigen3-dev doctest-dev libbenchmark-dev
                        libcli11-dev nlohmann-json3-dev)
+# What the fuzzing step of scripts/test adds: clang, and its runtime libraries (libFuzzer and the
+# sanitizers live in libclang-rt-<version>-dev, which clang only recommends).
+SHADOWKV_FUZZ_DEB_PACKAGES=(clang libclang-rt-dev)
 SHADOWKV_JOBS="${SHADOWKV_JOBS:-$(nproc)}"
 read -r -a SHADOWKV_EXTRA_CMAKE_ARGS <<< "${SHADOWKV_CMAKE_ARGS:-}"
 
-# Installs the packages of SHADOWKV_DEB_PACKAGES that are not installed (apt-get, through sudo
-# when not root); does nothing when all are.
-shadowkv_install_deps() {
+# The packages of SHADOWKV_DEB_PACKAGES / SHADOWKV_FUZZ_DEB_PACKAGES that are missing, installed.
+shadowkv_install_deps() { shadowkv_install_packages "${SHADOWKV_DEB_PACKAGES[@]}"; }
+shadowkv_install_fuzz_deps() { shadowkv_install_packages "${SHADOWKV_FUZZ_DEB_PACKAGES[@]}"; }
+
+# Installs the packages named that are not installed (apt-get, through sudo when not root); does
+# nothing when all are.
+shadowkv_install_packages() {
   local missing=() p
-  for p in "${SHADOWKV_DEB_PACKAGES[@]}"; do
+  for p in "$@"; do
     dpkg -s "$p" 2>/dev/null | grep -q '^Status: install ok installed' || missing+=("$p")
   done
   if ((${#missing[@]} == 0)); then

@@ -15,6 +15,9 @@ namespace shadowkv {
 /// CPU also runs on the GPU).
 inline constexpr int kSupportedHeadDims[] = {64, 96, 128, 256};
 
+/// Largest `num_q_heads * head_dim` a `Config` accepts (4096 heads of 256: far beyond any model).
+inline constexpr index_t kMaxHeadElements = index_t{1} << 20;
+
 /// `outlier_chunks` value meaning "the reference's default": 24 chunks per 1024 tokens of
 /// budget (48 for the default budget 2048).
 inline constexpr int kAutoOutlierChunks = -1;
@@ -37,7 +40,9 @@ struct Config {
   int group_size() const { return num_q_heads / num_kv_heads; }
   int budget_chunks() const { return sparse_budget / chunk_size; }
   int resolved_outlier_chunks() const {
-    return outlier_chunks == kAutoOutlierChunks ? 24 * sparse_budget / 1024 : outlier_chunks;
+    return outlier_chunks == kAutoOutlierChunks
+               ? static_cast<int>(std::int64_t{24} * sparse_budget / 1024)  // no int overflow
+               : outlier_chunks;
   }
   int resolved_value_cache_chunks() const {
     return value_cache_chunks == 0 ? budget_chunks() : value_cache_chunks;
@@ -48,7 +53,7 @@ struct Config {
 
   /// Smallest prompt a ShadowKV sequence accepts: the local and outlier chunks must fit.
   index_t min_context() const {
-    return static_cast<index_t>(local_chunks + resolved_outlier_chunks()) * chunk_size;
+    return (index_t{local_chunks} + resolved_outlier_chunks()) * chunk_size;
   }
 
   /// Throws `shadowkv::Error` naming the first invalid field and its value.
@@ -70,6 +75,11 @@ inline void Config::validate() const {
                  " must be a multiple of num_kv_heads=", num_kv_heads);
   SHADOWKV_CHECK(is_supported_head_dim(head_dim), "head_dim=", head_dim,
                  " is not supported (supported: 64, 96, 128, 256)");
+  // Every backend indexes a token's heads with int: bound num_q_heads * head_dim (and with
+  // it num_kv_heads * head_dim) well inside int.
+  SHADOWKV_CHECK(index_t{num_q_heads} * head_dim <= kMaxHeadElements, "num_q_heads=", num_q_heads,
+                 " times head_dim=", head_dim, " exceeds ", kMaxHeadElements,
+                 " elements per token");
   SHADOWKV_CHECK(rank >= 1 && rank <= kv_dim(), "rank=", rank,
                  " must be in [1, num_kv_heads*head_dim=", kv_dim(), "]");
   SHADOWKV_CHECK(chunk_size >= 1, "chunk_size=", chunk_size, " must be positive");

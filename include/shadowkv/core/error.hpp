@@ -2,6 +2,8 @@
 /// \file error.hpp
 /// \brief `shadowkv::Error` and the check macros every entry point validates its arguments with.
 
+#include <exception>
+#include <new>
 #include <sstream>
 #include <stdexcept>
 #include <string>
@@ -56,6 +58,13 @@ template <class... Args>
   throw Error(concat(args...), function, file, line);
 }
 
+/// What `SHADOWKV_CATCH_ALLOCATION` throws for the allocation failure `cause`.
+template <class... Args>
+[[noreturn]] void throw_out_of_memory(const char* function, const char* file, int line,
+                                      const std::exception& cause, const Args&... context) {
+  throw Error(concat("out of memory ", context..., " (", cause.what(), ")"), function, file, line);
+}
+
 }  // namespace detail
 }  // namespace shadowkv
 
@@ -69,3 +78,21 @@ template <class... Args>
 
 /// Throws `shadowkv::Error` unconditionally.
 #define SHADOWKV_FAIL(...) ::shadowkv::detail::throw_error(__func__, __FILE__, __LINE__, __VA_ARGS__)
+
+/// The handlers of a function-try-block that turn a failed allocation inside the function
+/// (`std::bad_alloc`, or `std::length_error` for a size no container holds) into a
+/// `shadowkv::Error` "out of memory <context> (<what>)". What the function promises on failure
+/// (most: nothing changed) holds for these as for any other error.
+///
+///     void prefill(SeqId id, int layer, ...) try {
+///       ...
+///     } SHADOWKV_CATCH_ALLOCATION("in prefill of sequence id=", id, ", layer=", layer)
+#define SHADOWKV_CATCH_ALLOCATION(...)                                                           \
+  catch (const std::bad_alloc& shadowkv_alloc_error_) {                                          \
+    ::shadowkv::detail::throw_out_of_memory(__func__, __FILE__, __LINE__, shadowkv_alloc_error_, \
+                                            __VA_ARGS__);                                        \
+  }                                                                                              \
+  catch (const std::length_error& shadowkv_alloc_error_) {                                       \
+    ::shadowkv::detail::throw_out_of_memory(__func__, __FILE__, __LINE__, shadowkv_alloc_error_, \
+                                            __VA_ARGS__);                                        \
+  }

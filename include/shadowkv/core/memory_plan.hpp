@@ -26,7 +26,8 @@ struct MemoryPlan {
 /// Bytes one sequence of `context_length` prompt tokens holds after `generated_tokens`
 /// decode steps, over `num_layers` layers, with storage type `dtype`. These are the bytes
 /// `SparseAttention::memory(id)` reports for such a sequence (per-step scratch and the
-/// transient staged prompt excluded).
+/// transient staged prompt excluded). Throws naming the arguments when the figures do not
+/// fit std::size_t.
 template <AttentionPolicy P>
 MemoryPlan plan_sequence(const Config& cfg, int num_layers, index_t context_length,
                          index_t generated_tokens, DType dtype) {
@@ -41,28 +42,35 @@ MemoryPlan plan_sequence(const Config& cfg, int num_layers, index_t context_leng
   const std::size_t s = dtype_size(dtype);
   const std::size_t h = cfg.num_kv_heads, d = cfg.head_dim, c = cfg.chunk_size;
   const std::size_t len = context_length, gen = generated_tokens;
-  MemoryPlan layer;
-  layer.device_bytes = 2 * h * gen * d * s;  // generated K and V
+  detail::CheckedSize device, host;  // one layer
+  device.add({2, h, gen, d, s});      // generated K and V
   if constexpr (!sparse) {
-    layer.device_bytes += 2 * h * len * d * s;
+    device.add({2, h, len, d, s});
   } else {
     const std::size_t chunks = len / c - cfg.local_chunks;  // indexed region
     const std::size_t outliers = cfg.resolved_outlier_chunks();
     const std::size_t landmarks = chunks - outliers;
     // LandmarkIndex: landmarks, landmark chunk ids, outlier chunk ids.
-    layer.device_bytes += h * landmarks * d * s + h * landmarks * 4 + h * outliers * 4;
+    device.add({h, landmarks, d, s}).add({h, landmarks, 4}).add({h, outliers, 4});
     if constexpr (P::keys == KeyStorage::exact) {
-      layer.device_bytes += 2 * h * len * d * s;  // the whole prompt, exact
+      device.add({2, h, len, d, s});  // the whole prompt, exact
     } else {
       const std::size_t r = cfg.rank, cap = cfg.resolved_value_cache_chunks();
-      layer.device_bytes += chunks * c * r * s + h * r * d * s;       // A and the basis
-      layer.device_bytes += 2 * h * cap * c * d * s;                  // value and key slots
-      layer.device_bytes += h * cap * (4 + 8) + h * landmarks * 4;    // slot table
-      layer.device_bytes += 2 * h * (outliers * c + len - chunks * c) * d * s;  // static set
-      layer.host_bytes += h * landmarks * c * d * s;                  // offloaded values
+      device.add({chunks, c, r, s}).add({h, r, d, s});            // A and the basis
+      device.add({2, h, cap, c, d, s});                           // value and key slots
+      device.add({h, cap, 4 + 8}).add({h, landmarks, 4});         // slot table
+      device.add({2, h, outliers * c + len - chunks * c, d, s});  // static set
+      host.add({h, landmarks, c, d, s});                          // offloaded values
     }
   }
-  return {layer.device_bytes * num_layers, layer.host_bytes * num_layers};
+  detail::CheckedSize total_device, total_host;
+  total_device.add({device.value(), static_cast<std::size_t>(num_layers)});
+  total_host.add({host.value(), static_cast<std::size_t>(num_layers)});
+  SHADOWKV_CHECK(!device.overflow() && !host.overflow() && !total_device.overflow() &&
+                     !total_host.overflow(),
+                 "context_length=", context_length, ", generated_tokens=", generated_tokens,
+                 " and num_layers=", num_layers, " need more bytes than std::size_t counts");
+  return {total_device.value(), total_host.value()};
 }
 
 /// The largest batch of sequences of `per_sequence` bytes that fits `device_budget` and

@@ -6,6 +6,7 @@
 #include <array>
 #include <cstdint>
 #include <initializer_list>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -79,6 +80,33 @@ struct TensorView {
   /// Pointer to the first element of row `i` of dimension 0.
   T* row(index_t i) const { return data + i * stride[0]; }
 };
+
+namespace detail {
+
+/// A sum of products in std::size_t that remembers an overflow instead of wrapping around: how
+/// sizes computed from user arguments are checked before anything is allocated with them.
+class CheckedSize {
+ public:
+  /// Adds the product of `factors`.
+  CheckedSize& add(std::initializer_list<std::size_t> factors) {
+    std::size_t p = 1;
+    for (std::size_t f : factors) {
+      if (f != 0 && p > std::numeric_limits<std::size_t>::max() / f) overflow_ = true;
+      p *= f;
+    }
+    if (p > std::numeric_limits<std::size_t>::max() - value_) overflow_ = true;
+    value_ += p;
+    return *this;
+  }
+  bool overflow() const { return overflow_; }
+  std::size_t value() const { return value_; }
+
+ private:
+  std::size_t value_ = 0;
+  bool overflow_ = false;
+};
+
+}  // namespace detail
 
 template <class T, int Rank>
 std::string shape_string(const TensorView<T, Rank>& v) {

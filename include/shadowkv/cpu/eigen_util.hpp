@@ -3,6 +3,7 @@
 /// \brief Eigen aliases and conversions the CPU backend shares.
 
 #include <Eigen/Core>
+#include <algorithm>
 #include <cstddef>
 #include <vector>
 
@@ -29,6 +30,14 @@ inline void to_float(const T* src, index_t n, float* dst) {
 template <StorageType T>
 inline void from_float(const float* src, index_t n, T* dst) {
   for (index_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);
+}
+
+/// Makes room for `size` elements in `v` (growing geometrically, as `push_back` would), so that
+/// growing `v` up to `size` afterwards cannot fail: how a call allocates before it changes
+/// anything.
+template <class V>
+inline void reserve_for(V& v, std::size_t size) {
+  if (v.capacity() < size) v.reserve(std::max(size, 2 * v.capacity()));
 }
 
 /// Bytes held by a vector's elements (its size, not its capacity).

@@ -42,8 +42,12 @@ class LandmarkIndex<CpuBackend, T> {
 
   /// Minimum over a chunk's keys of cos(key, chunk mean), per head: `[H_kv, num_chunks]`.
   /// The lower, the less the mean represents the chunk.
+  /// `keys_post_rope` `[n, H_kv, d]`; a tail of fewer than `chunk_size` tokens is not scored.
   static std::vector<float> chunk_min_cosine(TensorView<const T, 3> keys_post_rope,
-                                             int chunk_size) {
+                                             int chunk_size) try {
+    SHADOWKV_CHECK(chunk_size > 0, "chunk_size=", chunk_size, " must be positive");
+    check_view(keys_post_rope, "keys_post_rope",
+               {Extent{"num_tokens", -1}, Extent{"num_kv_heads", -1}, Extent{"head_dim", -1}});
     const index_t n_chunks = keys_post_rope.shape[0] / chunk_size;
     const int h_kv = static_cast<int>(keys_post_rope.shape[1]);
     const int d = static_cast<int>(keys_post_rope.shape[2]);
@@ -63,13 +67,15 @@ class LandmarkIndex<CpuBackend, T> {
         out[static_cast<std::size_t>(h) * n_chunks + ch] = lowest;
       }
     return out;
-  }
+  } SHADOWKV_CATCH_ALLOCATION("in LandmarkIndex::chunk_min_cosine (keys_post_rope ",
+                              shape_string(keys_post_rope), ")")
 
   /// Builds from the post-RoPE keys of the indexed region, `keys_post_rope`
   /// `[num_chunks*c, H_kv, d]` (a whole number of chunks). Per head, the
   /// `num_outlier_chunks` chunks with the lowest `chunk_min_cosine` (ties: lower chunk id)
   /// become outliers; every other chunk gets its mean key as landmark.
-  void build(TensorView<const T, 3> keys_post_rope, int num_outlier_chunks) {
+  /// Throws before changing anything for an invalid argument or a failed allocation.
+  void build(TensorView<const T, 3> keys_post_rope, int num_outlier_chunks) try {
     check_view(keys_post_rope, "keys_post_rope",
                {Extent{"num_tokens", -1}, Extent{"num_kv_heads", num_kv_heads_},
                 Extent{"head_dim", head_dim_}});
@@ -79,14 +85,14 @@ class LandmarkIndex<CpuBackend, T> {
     SHADOWKV_CHECK(num_outlier_chunks >= 0 && num_outlier_chunks <= n_chunks,
                    "num_outlier_chunks=", num_outlier_chunks, " must be in [0, num_chunks=",
                    n_chunks, "]");
-    num_chunks_ = n_chunks;
-    num_outliers_ = num_outlier_chunks;
-    const index_t m = num_landmarks();
+    const int num_outliers = num_outlier_chunks;
+    const index_t m = n_chunks - num_outliers;
     const std::vector<float> min_cos = chunk_min_cosine(keys_post_rope, chunk_size_);
 
-    outlier_ids_.assign(static_cast<std::size_t>(num_kv_heads_) * num_outliers_, 0);
-    landmark_ids_.assign(static_cast<std::size_t>(num_kv_heads_) * m, 0);
-    landmarks_.assign(static_cast<std::size_t>(num_kv_heads_) * m * head_dim_, static_cast<T>(0.0f));
+    // Built aside and swapped in at the end, so that a failure leaves the index as it was.
+    std::vector<std::int32_t> outlier_ids(static_cast<std::size_t>(num_kv_heads_) * num_outliers, 0);
+    std::vector<std::int32_t> landmark_ids(static_cast<std::size_t>(num_kv_heads_) * m, 0);
+    std::vector<T> landmarks(static_cast<std::size_t>(num_kv_heads_) * m * head_dim_, static_cast<T>(0.0f));
     std::vector<std::int32_t> order(n_chunks);
     std::vector<char> is_outlier(n_chunks);
     std::vector<float> mean(head_dim_);
@@ -96,24 +102,30 @@ class LandmarkIndex<CpuBackend, T> {
       auto lower = [&](std::int32_t a, std::int32_t b) {
         return score[a] < score[b] || (score[a] == score[b] && a < b);
       };
-      std::partial_sort(order.begin(), order.begin() + num_outliers_, order.end(), lower);
-      std::sort(order.begin(), order.begin() + num_outliers_);
+      std::partial_sort(order.begin(), order.begin() + num_outliers, order.end(), lower);
+      std::sort(order.begin(), order.begin() + num_outliers);
       std::fill(is_outlier.begin(), is_outlier.end(), 0);
-      for (int o = 0; o < num_outliers_; ++o) {
+      for (int o = 0; o < num_outliers; ++o) {
         is_outlier[order[o]] = 1;
-        outlier_ids_[static_cast<std::size_t>(h) * num_outliers_ + o] = order[o];
+        outlier_ids[static_cast<std::size_t>(h) * num_outliers + o] = order[o];
       }
       index_t slot = 0;
       for (index_t ch = 0; ch < n_chunks; ++ch) {
         if (is_outlier[ch]) continue;
-        landmark_ids_[static_cast<std::size_t>(h) * m + slot] = static_cast<std::int32_t>(ch);
+        landmark_ids[static_cast<std::size_t>(h) * m + slot] = static_cast<std::int32_t>(ch);
         chunk_mean(keys_post_rope, h, ch, chunk_size_, mean.data());
         cpu::from_float(mean.data(), head_dim_,
-                        landmarks_.data() + (static_cast<std::size_t>(h) * m + slot) * head_dim_);
+                        landmarks.data() + (static_cast<std::size_t>(h) * m + slot) * head_dim_);
         ++slot;
       }
     }
-  }
+    num_chunks_ = n_chunks;
+    num_outliers_ = num_outliers;
+    outlier_ids_.swap(outlier_ids);
+    landmark_ids_.swap(landmark_ids);
+    landmarks_.swap(landmarks);
+  } SHADOWKV_CATCH_ALLOCATION("in LandmarkIndex::build (keys_post_rope ", shape_string(keys_post_rope),
+                              ")")
 
   /// Outlier chunk ids of head `h`, ascending.
   std::span<const std::int32_t> outlier_chunk_ids(int h) const {
@@ -136,7 +148,7 @@ class LandmarkIndex<CpuBackend, T> {
   /// Scores post-RoPE `queries` `[H_q, d]` (H_q a multiple of H_kv) against the landmarks:
   /// `softmax(q * landmarks^T * scale)` per query head, max over the G query heads of each
   /// KV head, into `scores` `[H_kv, num_landmarks()]`.
-  void score(TensorView<const float, 2> queries, float scale, TensorView<float, 2> scores) const {
+  void score(TensorView<const float, 2> queries, float scale, TensorView<float, 2> scores) const try {
     check_view(queries, "queries", {Extent{"num_q_heads", -1}, Extent{"head_dim", head_dim_}});
     SHADOWKV_CHECK(queries.shape[0] > 0 && queries.shape[0] % num_kv_heads_ == 0,
                    "queries has ", queries.shape[0], " heads, not a positive multiple of num_kv_heads=",
@@ -160,13 +172,14 @@ class LandmarkIndex<CpuBackend, T> {
         else out = out.cwiseMax(row);
       }
     }
-  }
+  } SHADOWKV_CATCH_ALLOCATION("in LandmarkIndex::score (", num_landmarks(), " landmarks)")
 
   /// Top-`k` per head of `scores` `[H_kv, M]` into `selected` `[H_kv, min(k, M)]`, each row
   /// ascending. Ties go to the lower index; NaN scores rank last.
   static void select_top_k(TensorView<const float, 2> scores, int k,
-                           TensorView<std::int32_t, 2> selected) {
+                           TensorView<std::int32_t, 2> selected) try {
     SHADOWKV_CHECK(k >= 0, "k=", k, " must be >= 0");
+    check_view(scores, "scores", {Extent{"num_kv_heads", -1}, Extent{"num_landmarks", -1}});
     const index_t m = scores.shape[1];
     const index_t kk = std::min<index_t>(k, m);
     check_view(selected, "selected", {Extent{"num_kv_heads", scores.shape[0]}, Extent{"k", kk}});
@@ -183,7 +196,7 @@ class LandmarkIndex<CpuBackend, T> {
       std::sort(order.begin(), order.begin() + kk);
       std::copy(order.begin(), order.begin() + kk, selected.row(h));
     }
-  }
+  } SHADOWKV_CATCH_ALLOCATION("in LandmarkIndex::select_top_k (scores ", shape_string(scores), ")")
 
   /// Bytes the CUDA backend keeps on the device: landmarks and both id lists.
   std::size_t device_bytes() const {

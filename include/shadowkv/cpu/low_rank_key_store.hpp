@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "../core/backend.hpp"
+#include "../core/config.hpp"
 #include "../core/error.hpp"
 #include "../core/rope.hpp"
 #include "../core/tensor.hpp"
@@ -34,8 +35,11 @@ class LowRankKeyStore<CpuBackend, T> {
       : num_kv_heads_(num_kv_heads), head_dim_(head_dim), rank_(rank) {
     SHADOWKV_CHECK(num_kv_heads > 0, "num_kv_heads=", num_kv_heads, " must be positive");
     SHADOWKV_CHECK(head_dim > 0, "head_dim=", head_dim, " must be positive");
-    SHADOWKV_CHECK(rank >= 1 && rank <= num_kv_heads * head_dim, "rank=", rank,
-                   " must be in [1, num_kv_heads*head_dim=", num_kv_heads * head_dim, "]");
+    const index_t kv_dim = index_t{num_kv_heads} * head_dim;
+    SHADOWKV_CHECK(kv_dim <= kMaxHeadElements, "num_kv_heads=", num_kv_heads, " times head_dim=",
+                   head_dim, " exceeds ", kMaxHeadElements, " elements per token");
+    SHADOWKV_CHECK(rank >= 1 && rank <= kv_dim, "rank=", rank,
+                   " must be in [1, num_kv_heads*head_dim=", kv_dim, "]");
   }
 
   int num_kv_heads() const { return num_kv_heads_; }
@@ -49,8 +53,9 @@ class LowRankKeyStore<CpuBackend, T> {
   index_t accumulated_rows() const { return gram_rows_; }
 
   /// One-shot build from `keys_pre_rope` `[L, H_kv, d]`: thin SVD, keeps the top `rank`
-  /// right singular vectors, `A = K * V_r`. Replaces any previous content.
-  void build(TensorView<const T, 3> keys_pre_rope) {
+  /// right singular vectors, `A = K * V_r`. Replaces any previous content; a failure leaves
+  /// the store as it was.
+  void build(TensorView<const T, 3> keys_pre_rope) try {
     check_keys(keys_pre_rope, "keys_pre_rope");
     SHADOWKV_CHECK(keys_pre_rope.shape[0] > 0, "keys_pre_rope has no rows");
     const cpu::RowMatrixD k = to_double(keys_pre_rope);
@@ -60,53 +65,57 @@ class LowRankKeyStore<CpuBackend, T> {
     const int keep = std::min<int>(rank_, static_cast<int>(v.cols()));
     basis.leftCols(keep) = v.leftCols(keep);
     if (keep < rank_) complete_basis(basis, keep);
-    set_basis(basis);
-    a_.clear();
-    project_append(k);
+    std::vector<T> basis_t = to_storage(basis);
+    std::vector<T> a = project(k, basis_t);
+    basis_.swap(basis_t);
+    a_.swap(a);
     clear_gram();
-  }
+  } SHADOWKV_CATCH_ALLOCATION("in LowRankKeyStore::build (keys_pre_rope ", shape_string(keys_pre_rope), ")")
 
   /// Streaming build, step 1: adds `K^T K` of `keys_pre_rope` `[n, H_kv, d]` to the Gram.
-  void accumulate(TensorView<const T, 3> keys_pre_rope) {
+  void accumulate(TensorView<const T, 3> keys_pre_rope) try {
     check_keys(keys_pre_rope, "keys_pre_rope");
     if (keys_pre_rope.shape[0] == 0) return;
     if (gram_.size() == 0) gram_ = Eigen::MatrixXd::Zero(kv_dim(), kv_dim());
     const cpu::RowMatrixD k = to_double(keys_pre_rope);
     gram_.selfadjointView<Eigen::Lower>().rankUpdate(k.transpose());
     gram_rows_ += keys_pre_rope.shape[0];
-  }
+  } SHADOWKV_CATCH_ALLOCATION("in LowRankKeyStore::accumulate (keys_pre_rope ", shape_string(keys_pre_rope),
+                              ")")
 
   /// Streaming build, step 2: the top-`rank` eigenvectors of the Gram become the basis.
   /// Clears A (the rows are projected afresh with `append`) and frees the Gram.
-  void finalize_basis() {
+  void finalize_basis() try {
     SHADOWKV_CHECK(gram_rows_ > 0, "finalize_basis() called before any accumulate()");
     Eigen::SelfAdjointEigenSolver<Eigen::MatrixXd> eig(gram_, Eigen::ComputeEigenvectors);
     SHADOWKV_CHECK(eig.info() == Eigen::Success, "eigendecomposition of the key Gram matrix failed");
     // Eigenvalues come in ascending order: the last `rank` columns, reversed.
     Eigen::MatrixXd basis(kv_dim(), rank_);
     for (int j = 0; j < rank_; ++j) basis.col(j) = eig.eigenvectors().col(kv_dim() - 1 - j);
-    set_basis(basis);
+    basis_ = to_storage(basis);
     a_.clear();
     clear_gram();
-  }
+  } SHADOWKV_CATCH_ALLOCATION("in LowRankKeyStore::finalize_basis (num_kv_heads*head_dim=", kv_dim(), ")")
 
   /// Projects `keys_pre_rope` `[n, H_kv, d]` onto the basis and appends the `n` rows to A
   /// (positions size() .. size()+n-1).
-  void append(TensorView<const T, 3> keys_pre_rope) {
+  void append(TensorView<const T, 3> keys_pre_rope) try {
     check_keys(keys_pre_rope, "keys_pre_rope");
     SHADOWKV_CHECK(has_basis(), "append() needs a basis: call build() or finalize_basis() first");
     if (keys_pre_rope.shape[0] == 0) return;
-    project_append(to_double(keys_pre_rope));
-  }
+    const std::vector<T> rows = project(to_double(keys_pre_rope), basis_);
+    a_.insert(a_.end(), rows.begin(), rows.end());
+  } SHADOWKV_CATCH_ALLOCATION("in LowRankKeyStore::append (keys_pre_rope ", shape_string(keys_pre_rope), ")")
 
   /// Rebuilds the pre-RoPE keys of `kv_head` at `positions` into `out` `[n, d]` (float),
   /// then rotates each row to its position with `rope` when given.
   void reconstruct(int kv_head, std::span<const index_t> positions, float* out,
-                   const RopeTable* rope = nullptr) const {
+                   const RopeTable* rope = nullptr) const try {
     SHADOWKV_CHECK(kv_head >= 0 && kv_head < num_kv_heads_, "kv_head=", kv_head,
                    " out of range [0, ", num_kv_heads_, ")");
     const index_t n = static_cast<index_t>(positions.size());
     if (n == 0) return;
+    SHADOWKV_CHECK(out != nullptr, "out is null (", n, " positions to reconstruct)");
     cpu::RowMatrixF a_rows(n, rank_);
     for (index_t i = 0; i < n; ++i) {
       const index_t p = positions[i];
@@ -126,7 +135,7 @@ class LowRankKeyStore<CpuBackend, T> {
       rope->apply_consecutive(out + i * head_dim_, j - i, head_dim_, positions[i]);
       i = j;
     }
-  }
+  } SHADOWKV_CATCH_ALLOCATION("in LowRankKeyStore::reconstruct (", positions.size(), " positions)")
 
   /// A `[size(), rank]`, row-major.
   const T* a_data() const { return a_.data(); }
@@ -151,14 +160,15 @@ class LowRankKeyStore<CpuBackend, T> {
     return k;
   }
 
-  /// `basis` `[H_kv*d, r]` (columns orthonormal) -> `basis_` `[H_kv, r, d]` in T.
-  void set_basis(const Eigen::MatrixXd& basis) {
-    basis_.assign(static_cast<std::size_t>(num_kv_heads_) * rank_ * head_dim_, static_cast<T>(0.0f));
+  /// `basis` `[H_kv*d, r]` (columns orthonormal) -> `[H_kv, r, d]` in T, as `basis_` holds it.
+  std::vector<T> to_storage(const Eigen::MatrixXd& basis) const {
+    std::vector<T> out(static_cast<std::size_t>(num_kv_heads_) * rank_ * head_dim_);
     for (int h = 0; h < num_kv_heads_; ++h)
       for (int j = 0; j < rank_; ++j)
         for (int x = 0; x < head_dim_; ++x)
-          basis_[(static_cast<std::size_t>(h) * rank_ + j) * head_dim_ + x] =
+          out[(static_cast<std::size_t>(h) * rank_ + j) * head_dim_ + x] =
               static_cast<T>(static_cast<float>(basis(h * head_dim_ + x, j)));
+    return out;
   }
 
   /// When L < r the SVD yields fewer vectors: fill the rest with an orthonormal complement
@@ -169,19 +179,19 @@ class LowRankKeyStore<CpuBackend, T> {
     basis.rightCols(rank_ - keep) = q.middleCols(keep, rank_ - keep);
   }
 
-  /// Projects with the stored basis (in T), the one reconstruction uses.
-  void project_append(const cpu::RowMatrixD& k) {
+  /// Rows of A `[n, r]` for the keys `k` `[n, H_kv*d]`, projected with `basis_t` (a basis in
+  /// T, as `to_storage` makes it): the basis reconstruction uses.
+  std::vector<T> project(const cpu::RowMatrixD& k, const std::vector<T>& basis_t) const {
     Eigen::MatrixXd basis(kv_dim(), rank_);
     for (int h = 0; h < num_kv_heads_; ++h)
       for (int j = 0; j < rank_; ++j)
         for (int x = 0; x < head_dim_; ++x)
           basis(h * head_dim_ + x, j) = static_cast<double>(static_cast<float>(
-              basis_[(static_cast<std::size_t>(h) * rank_ + j) * head_dim_ + x]));
+              basis_t[(static_cast<std::size_t>(h) * rank_ + j) * head_dim_ + x]));
     const cpu::RowMatrixD rows = k * basis;  // [n, r]
-    const std::size_t old = a_.size();
-    a_.resize(old + static_cast<std::size_t>(rows.size()));
-    for (index_t i = 0; i < rows.size(); ++i)
-      a_[old + i] = static_cast<T>(static_cast<float>(rows.data()[i]));
+    std::vector<T> out(static_cast<std::size_t>(rows.size()));
+    for (index_t i = 0; i < rows.size(); ++i) out[i] = static_cast<T>(static_cast<float>(rows.data()[i]));
+    return out;
   }
 
   void clear_gram() {

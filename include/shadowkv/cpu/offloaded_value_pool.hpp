@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory_resource>
 #include <span>
 #include <vector>
 
@@ -24,34 +25,52 @@ namespace shadowkv {
 /// to the least recently used slots not needed by this selection. With `capacity` equal to
 /// the selection size this is the paper's scheme (a chunk stays only if selected again at the
 /// next step); a larger capacity keeps more history.
+///
+/// The host values come from a `std::pmr::memory_resource` the engine may choose (where the
+/// CUDA backend uses pinned memory: e.g. memory it registered with the GPU, huge pages, a
+/// NUMA node); the slots and tables, device memory with the CUDA backend, come from the heap.
 template <StorageType T>
 class OffloadedValuePool<CpuBackend, T> {
  public:
   /// \param num_chunks chunks per head on the host (>= 0)
   /// \param capacity device slots per head (>= 1; must be >= the size of every selection)
+  /// \param host_memory where the host values `[H_kv, num_chunks, c, d]` are allocated (not
+  ///        null; must outlive the pool). A failed allocation is a `shadowkv::Error`.
   OffloadedValuePool(int num_kv_heads, int head_dim, int chunk_size, index_t num_chunks,
-                     int capacity)
+                     int capacity,
+                     std::pmr::memory_resource* host_memory = std::pmr::get_default_resource()) try
       : num_kv_heads_(num_kv_heads), head_dim_(head_dim), chunk_size_(chunk_size),
-        num_chunks_(num_chunks), capacity_(capacity) {
+        num_chunks_(num_chunks), capacity_(capacity),
+        host_(checked(host_memory)) {
     SHADOWKV_CHECK(num_kv_heads > 0, "num_kv_heads=", num_kv_heads, " must be positive");
     SHADOWKV_CHECK(head_dim > 0, "head_dim=", head_dim, " must be positive");
     SHADOWKV_CHECK(chunk_size > 0, "chunk_size=", chunk_size, " must be positive");
     SHADOWKV_CHECK(num_chunks >= 0, "num_chunks=", num_chunks, " must be >= 0");
     SHADOWKV_CHECK(capacity >= 1, "capacity=", capacity, " must be positive");
     const std::size_t heads = static_cast<std::size_t>(num_kv_heads);
+    detail::CheckedSize elems;
+    elems.add({heads, static_cast<std::size_t>(num_chunks), chunk_elems()})
+        .add({heads, static_cast<std::size_t>(capacity), chunk_elems()});
+    SHADOWKV_CHECK(!elems.overflow(), "num_chunks=", num_chunks, " and capacity=", capacity,
+                   " chunks of ", chunk_size, " x ", head_dim,
+                   " values per head hold more elements than std::size_t counts");
     host_.assign(heads * num_chunks * chunk_elems(), static_cast<T>(0.0f));
     slots_.assign(heads * capacity * chunk_elems(), static_cast<T>(0.0f));
     slot_chunk_.assign(heads * capacity, -1);
     slot_last_used_.assign(heads * capacity, -1);
     chunk_slot_.assign(heads * num_chunks, -1);
     steps_.assign(heads, 0);
-  }
+  } SHADOWKV_CATCH_ALLOCATION("in OffloadedValuePool(num_kv_heads=", num_kv_heads, ", head_dim=",
+                              head_dim, ", chunk_size=", chunk_size, ", num_chunks=", num_chunks,
+                              ", capacity=", capacity, ")")
 
   int num_kv_heads() const { return num_kv_heads_; }
   int head_dim() const { return head_dim_; }
   int chunk_size() const { return chunk_size_; }
   index_t num_chunks() const { return num_chunks_; }
   int capacity() const { return capacity_; }
+  /// Where the host values live.
+  std::pmr::memory_resource* host_memory() const { return host_.get_allocator().resource(); }
 
   /// Writes host chunk `chunk` of `kv_head` from `values` `[c, d]`. A resident copy of that
   /// chunk is dropped, so the next fetch sees the new values.
@@ -70,15 +89,21 @@ class OffloadedValuePool<CpuBackend, T> {
   /// Makes `chunks` (distinct landmark indices of `kv_head`, at most `capacity()`) resident.
   /// Writes the slot of `chunks[i]` to `slots[i]`, and appends to `missed` each `i` whose
   /// chunk was copied from the host (the chunks whose keys a caller must also rebuild).
-  /// Throws before changing anything if an argument is invalid.
+  /// Throws before changing anything (`missed` included) if an argument is invalid or memory
+  /// runs out.
   void fetch(int kv_head, std::span<const std::int32_t> chunks, std::span<std::int32_t> slots,
-             std::vector<std::int32_t>& missed) {
+             std::vector<std::int32_t>& missed) try {
     check_head(kv_head);
     SHADOWKV_CHECK(slots.size() == chunks.size(), "slots has ", slots.size(),
                    " entries, expected one per chunk (", chunks.size(), ")");
     SHADOWKV_CHECK(chunks.size() <= static_cast<std::size_t>(capacity_), "selection of ",
                    chunks.size(), " chunks exceeds capacity=", capacity_);
     validate_selection(chunks);
+    // Every allocation comes before the first change.
+    std::vector<std::int32_t>& victims = victims_;
+    victims.reserve(capacity_);
+    victims.clear();
+    cpu::reserve_for(missed, missed.size() + chunks.size());
     const std::int64_t step = ++steps_[kv_head];
     for (std::size_t i = 0; i < chunks.size(); ++i) {
       const std::int32_t s = chunk_slot_[table_index(kv_head, chunks[i])];
@@ -86,8 +111,6 @@ class OffloadedValuePool<CpuBackend, T> {
       if (s >= 0) slot_last_used_[slot_index(kv_head, s)] = step;
     }
     // Victims: the least recently used slots not touched by this selection.
-    std::vector<std::int32_t> victims;
-    victims.reserve(capacity_);
     for (std::int32_t s = 0; s < capacity_; ++s)
       if (slot_last_used_[slot_index(kv_head, s)] != step) victims.push_back(s);
     const std::size_t first_miss = missed.size();
@@ -116,14 +139,19 @@ class OffloadedValuePool<CpuBackend, T> {
     stats_.misses += static_cast<std::int64_t>(n_miss);
     stats_.hits += static_cast<std::int64_t>(chunks.size() - n_miss);
     stats_.bytes_copied += static_cast<std::int64_t>(n_miss * chunk_elems() * sizeof(T));
-  }
+  } SHADOWKV_CATCH_ALLOCATION("in OffloadedValuePool::fetch(kv_head=", kv_head, ", ", chunks.size(),
+                              " chunks)")
 
   /// Resident values of a slot: `[c, d]`.
   const T* slot(int kv_head, std::int32_t s) const {
+    check_head(kv_head);
+    SHADOWKV_CHECK(s >= 0 && s < capacity_, "slot=", s, " out of range [0, capacity=", capacity_, ")");
     return slots_.data() + slot_index(kv_head, s) * chunk_elems();
   }
   /// Host values of a chunk: `[c, d]`.
   const T* host_chunk(int kv_head, index_t chunk) const {
+    check_head(kv_head);
+    check_chunk(chunk);
     return host_.data() + table_index(kv_head, chunk) * chunk_elems();
   }
   /// Slot holding `chunk`, or -1.
@@ -154,6 +182,10 @@ class OffloadedValuePool<CpuBackend, T> {
   }
   T* host_chunk_mut(int h, index_t chunk) { return host_.data() + table_index(h, chunk) * chunk_elems(); }
   T* slot_mut(int h, std::int32_t s) { return slots_.data() + slot_index(h, s) * chunk_elems(); }
+  static std::pmr::memory_resource* checked(std::pmr::memory_resource* host_memory) {
+    SHADOWKV_CHECK(host_memory != nullptr, "host_memory is null");
+    return host_memory;
+  }
   void check_head(int h) const {
     SHADOWKV_CHECK(h >= 0 && h < num_kv_heads_, "kv_head=", h, " out of range [0, ",
                    num_kv_heads_, ")");
@@ -177,12 +209,13 @@ class OffloadedValuePool<CpuBackend, T> {
   int num_kv_heads_, head_dim_, chunk_size_;
   index_t num_chunks_;
   int capacity_;
-  std::vector<T> host_;                       // [H_kv, num_chunks, c, d]
+  std::pmr::vector<T> host_;                  // [H_kv, num_chunks, c, d], from host_memory
   std::vector<T> slots_;                      // [H_kv, capacity, c, d]
   std::vector<std::int32_t> slot_chunk_;      // [H_kv, capacity], -1 when free
   std::vector<std::int64_t> slot_last_used_;  // [H_kv, capacity], fetch step of last use
   std::vector<std::int32_t> chunk_slot_;      // [H_kv, num_chunks], -1 when not resident
   std::vector<std::int64_t> steps_;           // [H_kv]
+  std::vector<std::int32_t> victims_;         // fetch's scratch
   PoolStats stats_;
 };
 

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <map>
+#include <memory_resource>
 #include <optional>
 #include <span>
 #include <unordered_set>
@@ -35,6 +36,12 @@ namespace shadowkv {
 /// (a sequence's position is the number of tokens its layer has seen).
 ///
 /// Storage is `T` (fp32, bf16, fp16); all arithmetic is float.
+///
+/// Errors: every member function validates its arguments before it changes anything and throws
+/// `shadowkv::Error` naming the argument; a failed allocation is a `shadowkv::Error` too
+/// ("out of memory ..."). After any error the object is as it was before the call, so the
+/// same call can be retried and gives what it would have given. (The content of `out` is then
+/// unspecified, and statistics and which value chunks are resident may have moved.)
 template <AttentionPolicy Policy, StorageType T>
 class SparseAttention<Policy, CpuBackend, T> {
   static constexpr bool kLowRank = Policy::keys == KeyStorage::low_rank;
@@ -45,23 +52,30 @@ class SparseAttention<Policy, CpuBackend, T> {
   using value_type = T;
 
   /// \param config validated here   \param num_layers > 0
-  SparseAttention(const Config& config, int num_layers) : config_(config), num_layers_(num_layers) {
+  /// \param host_memory where the offloaded values of `ShadowKVPolicy` live (the CUDA
+  ///        backend's pinned memory): every `OffloadedValuePool` takes its host storage from
+  ///        it. Not null; must outlive the object.
+  SparseAttention(const Config& config, int num_layers,
+                  std::pmr::memory_resource* host_memory = std::pmr::get_default_resource()) try
+      : config_(config), num_layers_(num_layers), host_memory_(host_memory) {
     config_.validate();
     SHADOWKV_CHECK(num_layers > 0, "num_layers=", num_layers, " must be positive");
+    SHADOWKV_CHECK(host_memory != nullptr, "host_memory is null");
     rope_ = make_rope_table(config_.rope, config_.head_dim);
-  }
+  } SHADOWKV_CATCH_ALLOCATION("in SparseAttention(num_layers=", num_layers, ")")
 
   const Config& config() const { return config_; }
   int num_layers() const { return num_layers_; }
+  std::pmr::memory_resource* host_memory() const { return host_memory_; }
   const RopeTable& rope() const { return rope_; }
 
   /// Registers a new, empty sequence.
-  void add_sequence(SeqId id) {
+  void add_sequence(SeqId id) try {
     SHADOWKV_CHECK(!seqs_.contains(id), "sequence id=", id, " already exists");
     Sequence s;
     s.layers.resize(num_layers_);
     seqs_.emplace(id, std::move(s));
-  }
+  } SHADOWKV_CATCH_ALLOCATION("in add_sequence(id=", id, ")")
 
   /// Frees everything a sequence holds.
   void remove_sequence(SeqId id) { seqs_.erase(find(id)); }
@@ -106,7 +120,7 @@ class SparseAttention<Policy, CpuBackend, T> {
   ///        exactly when `queries` is
   void prefill(SeqId id, int layer, TensorView<const T, 3> queries,
                TensorView<const T, 3> keys_pre_rope, TensorView<const T, 3> values,
-               TensorView<T, 3> out) {
+               TensorView<T, 3> out) try {
     Sequence& s = find(id)->second;
     check_layer(layer);
     SHADOWKV_CHECK(!s.prefilled, "sequence id=", id,
@@ -122,31 +136,45 @@ class SparseAttention<Policy, CpuBackend, T> {
     LayerState& st = s.layers[layer];
     const index_t start = st.length;
     const std::size_t row = static_cast<std::size_t>(config_.kv_dim());
-    // Post-RoPE keys for attention and landmarks; pre-RoPE keys for the low-rank store.
-    st.staged_k.resize((start + n) * row);
-    st.staged_v.resize((start + n) * row);
+    const std::size_t old_size = start * row, new_size = (start + n) * row;
+    // Room first: past this point the staging buffers grow without allocating.
     std::vector<float> key(config_.head_dim);
-    for (index_t t = 0; t < n; ++t)
-      for (int h = 0; h < config_.num_kv_heads; ++h) {
-        cpu::to_float(&keys_pre_rope(t, h, 0), config_.head_dim, key.data());
-        rope_.apply(key.data(), start + t);
-        cpu::from_float(key.data(), config_.head_dim,
-                        st.staged_k.data() + (start + t) * row + h * config_.head_dim);
+    cpu::reserve_for(st.staged_k, new_size);
+    cpu::reserve_for(st.staged_v, new_size);
+    if constexpr (kLowRank) cpu::reserve_for(st.staged_k_pre, new_size);
+    // Post-RoPE keys for attention and landmarks; pre-RoPE keys for the low-rank store.
+    st.staged_k.resize(new_size);
+    st.staged_v.resize(new_size);
+    try {
+      for (index_t t = 0; t < n; ++t)
+        for (int h = 0; h < config_.num_kv_heads; ++h) {
+          cpu::to_float(&keys_pre_rope(t, h, 0), config_.head_dim, key.data());
+          rope_.apply(key.data(), start + t);
+          cpu::from_float(key.data(), config_.head_dim,
+                          st.staged_k.data() + (start + t) * row + h * config_.head_dim);
+        }
+      std::copy_n(values.data, n * row, st.staged_v.data() + old_size);
+      if (!queries.empty()) prefill_attention(st, start, queries, out);
+      // Last, as it is the one change that cannot be undone: the Gram sum of the low-rank store.
+      if constexpr (kLowRank) {
+        if (!st.keys) st.keys.emplace(config_.num_kv_heads, config_.head_dim, config_.rank);
+        st.keys->accumulate(keys_pre_rope);
       }
-    std::copy_n(values.data, n * row, st.staged_v.data() + start * row);
-    if constexpr (kLowRank) {
-      if (!st.keys) st.keys.emplace(config_.num_kv_heads, config_.head_dim, config_.rank);
-      st.keys->accumulate(keys_pre_rope);
-      st.staged_k_pre.insert(st.staged_k_pre.end(), keys_pre_rope.data, keys_pre_rope.data + n * row);
+    } catch (...) {
+      st.staged_k.resize(old_size);
+      st.staged_v.resize(old_size);
+      throw;
     }
+    if constexpr (kLowRank)
+      st.staged_k_pre.insert(st.staged_k_pre.end(), keys_pre_rope.data, keys_pre_rope.data + n * row);
     st.length = start + n;
-    if (!queries.empty()) prefill_attention(st, start, queries, out);
-  }
+  } SHADOWKV_CATCH_ALLOCATION("in prefill of sequence id=", id, ", layer=", layer, " (",
+                              keys_pre_rope.shape[0], " tokens)")
 
   /// Ends the prompt of `id`: every layer must have seen the same number of tokens (at least
   /// `config().min_context()` for the sparse policies). Builds each layer's state (low-rank
   /// store, landmarks, outliers, value pool) and frees the staged prompt.
-  void finish_prefill(SeqId id) {
+  void finish_prefill(SeqId id) try {
     Sequence& s = find(id)->second;
     SHADOWKV_CHECK(!s.prefilled, "sequence id=", id, " is already prefilled");
     const index_t len = s.layers[0].length;
@@ -165,15 +193,16 @@ class SparseAttention<Policy, CpuBackend, T> {
     s.layers = std::move(built);
     s.prompt_length = len;
     s.prefilled = true;
-  }
+  } SHADOWKV_CATCH_ALLOCATION("in finish_prefill of sequence id=", id)
 
   /// One decode step of `layer` for the sequences `ids` (distinct, prefilled, any lengths).
   /// \param queries `[B, H_q, d]` pre-RoPE   \param keys_pre_rope `[B, H_kv, d]`
   /// \param values `[B, H_kv, d]`   \param out `[B, H_q, d]`
-  /// The new token's key and value are appended (no cap) and attended to.
+  /// The new token's key and value are appended (no cap) and attended to. On an error no
+  /// sequence of the batch has advanced.
   void decode(int layer, std::span<const SeqId> ids, TensorView<const T, 3> queries,
               TensorView<const T, 3> keys_pre_rope, TensorView<const T, 3> values,
-              TensorView<T, 3> out) {
+              TensorView<T, 3> out) try {
     check_layer(layer);
     const index_t b = static_cast<index_t>(ids.size());
     check_view(queries, "queries", q_extents(b));
@@ -188,12 +217,26 @@ class SparseAttention<Policy, CpuBackend, T> {
       SHADOWKV_CHECK(s.prefilled, "sequence id=", id, " is not prefilled: call finish_prefill first");
       batch.push_back(&s);
     }
-    last_step_ = {};
-    for (index_t i = 0; i < b; ++i)
-      decode_one(batch[i]->layers[layer], queries.row(i), keys_pre_rope.row(i), values.row(i),
-                 out.row(i));
-    totals_ += last_step_;
-  }
+    // Room for every new token first: past this point appending one cannot fail.
+    for (Sequence* s : batch) {
+      LayerState& st = s->layers[layer];
+      cpu::reserve_for(st.gen_k, st.gen_k.size() + kv_row());
+      cpu::reserve_for(st.gen_v, st.gen_v.size() + kv_row());
+    }
+    StepStats step;
+    index_t i = 0;
+    try {
+      for (; i < b; ++i)
+        step += decode_one(batch[i]->layers[layer], queries.row(i), keys_pre_rope.row(i),
+                           values.row(i), out.row(i));
+    } catch (...) {
+      // Take back the token of every sequence the step reached, the failing one included.
+      for (index_t j = 0; j <= i && j < b; ++j) drop_last_token(batch[j]->layers[layer]);
+      throw;
+    }
+    last_step_ = step;
+    totals_ += step;
+  } SHADOWKV_CATCH_ALLOCATION("in decode of layer=", layer, " for ", ids.size(), " sequences")
 
   /// Chunk ids the last decode of (`id`, `layer`) selected for `kv_head`, ascending (empty
   /// for `DensePolicy`).
@@ -387,7 +430,7 @@ class SparseAttention<Policy, CpuBackend, T> {
         st.keys->finalize_basis();
         st.keys->append(TensorView<const T, 3>(staged.staged_k_pre.data(), {indexed, hkv, d}));
         const int capacity = std::max(config_.resolved_value_cache_chunks(), 1);
-        st.values.emplace(hkv, d, c, m, capacity);
+        st.values.emplace(hkv, d, c, m, capacity, host_memory_);
         st.key_slots.assign(static_cast<std::size_t>(hkv) * capacity * chunk_elems(), static_cast<T>(0.0f));
         std::vector<T> chunk(chunk_elems());
         for (int h = 0; h < hkv; ++h) {
@@ -444,12 +487,20 @@ class SparseAttention<Policy, CpuBackend, T> {
     }
   }
 
-  void decode_one(LayerState& st, const T* q_in, const T* k_in, const T* v_in, T* out) {
+  /// Appends the new token to `st` (first, and without allocating: `decode` made room; a
+  /// failure later is undone with `drop_last_token`), then attends. Every change to the value
+  /// pool and the key slots leaves them in step with each other, so a failure at any point
+  /// leaves a cache that the next step can use.
+  StepStats decode_one(LayerState& st, const T* q_in, const T* k_in, const T* v_in, T* out) {
     const int hkv = config_.num_kv_heads, hq = config_.num_q_heads, d = config_.head_dim;
     const int g = config_.group_size(), c = config_.chunk_size;
     const index_t pos = st.length;
     const std::size_t sz = sizeof(T);
-    // Rotate the query and the new key to the current position; append the new token.
+    const std::size_t gen_old = st.gen_k.size();
+    st.gen_k.resize(gen_old + kv_row());
+    st.gen_v.insert(st.gen_v.end(), v_in, v_in + kv_row());
+    st.length = pos + 1;
+    // Rotate the query and the new key to the current position.
     // Scratch lives in the object: a decode step allocates nothing once warmed up.
     std::vector<float>& q = scratch_.q;
     std::vector<float>& key = scratch_.key;
@@ -457,15 +508,11 @@ class SparseAttention<Policy, CpuBackend, T> {
     key.resize(d);
     cpu::to_float(q_in, index_t{hq} * d, q.data());
     for (int j = 0; j < hq; ++j) rope_.apply(q.data() + j * d, pos);
-    const std::size_t gen_old = st.gen_k.size();
-    st.gen_k.resize(gen_old + kv_row());
-    st.gen_v.insert(st.gen_v.end(), v_in, v_in + kv_row());
     for (int h = 0; h < hkv; ++h) {
       cpu::to_float(k_in + h * d, d, key.data());
       rope_.apply(key.data(), pos);
       cpu::from_float(key.data(), d, st.gen_k.data() + gen_old + h * d);
     }
-    st.length = pos + 1;
     const index_t n_gen = static_cast<index_t>(st.gen_k.size() / kv_row());
     StepStats step;
     step.tokens = 1;
@@ -520,18 +567,20 @@ class SparseAttention<Policy, CpuBackend, T> {
       if constexpr (kLowRank) {
         attn.add(static_k, static_v, st.static_tokens);
         const std::span<const std::int32_t> sel(selected.data() + h * k_sel, k_sel);
-        missed.clear();
-        const PoolStats before = st.values->stats();
-        st.values->fetch(h, sel, slots, missed);
-        step.pool += st.values->stats() - before;
-        // Rebuild (A[p] * B_h, then RoPE at p) the keys of the chunks just copied.
+        // Rebuild (A[p] * B_h, then RoPE at p) the keys of the chunks that are not resident,
+        // the ones the fetch will copy, before the fetch changes the pool.
         positions.clear();
-        for (std::int32_t i : missed) {
-          const index_t first = index_t{st.selected_chunk_ids[h * k_sel + i]} * c;
-          for (int t = 0; t < c; ++t) positions.push_back(first + t);
-        }
+        for (index_t i = 0; i < k_sel; ++i)
+          if (st.values->slot_of(h, sel[i]) < 0) {
+            const index_t first = index_t{st.selected_chunk_ids[h * k_sel + i]} * c;
+            for (int t = 0; t < c; ++t) positions.push_back(first + t);
+          }
         rebuilt.resize(positions.size() * d);
         st.keys->reconstruct(h, positions, rebuilt.data(), &rope_);
+        missed.clear();
+        const PoolStats before = st.values->stats();
+        st.values->fetch(h, sel, slots, missed);  // the misses are the chunks rebuilt above
+        step.pool += st.values->stats() - before;
         for (std::size_t j = 0; j < missed.size(); ++j)
           cpu::from_float(rebuilt.data() + j * chunk_elems(), static_cast<index_t>(chunk_elems()),
                           key_slot(st, h, slots[missed[j]]));
@@ -560,7 +609,14 @@ class SparseAttention<Policy, CpuBackend, T> {
       cpu::from_float(attn_out.data(), index_t{g} * d, out + static_cast<std::size_t>(h) * g * d);
     }
     step.pcie_bytes += step.pool.bytes_copied;
-    last_step_ += step;
+    return step;
+  }
+
+  /// Undoes the append of `decode_one` (never allocates, never throws).
+  void drop_last_token(LayerState& st) const noexcept {
+    st.gen_k.resize(st.gen_k.size() - kv_row());
+    st.gen_v.resize(st.gen_v.size() - kv_row());
+    st.length -= 1;
   }
 
   T* key_slot(LayerState& st, int h, std::int32_t slot) const {
@@ -578,6 +634,7 @@ class SparseAttention<Policy, CpuBackend, T> {
 
   Config config_;
   int num_layers_;
+  std::pmr::memory_resource* host_memory_;
   RopeTable rope_;
   DecodeScratch scratch_;
   SeqMap seqs_;

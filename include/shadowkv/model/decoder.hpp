@@ -181,18 +181,25 @@ struct GenerationResult {
   }
 };
 
-/// The next token from `logits` `[vocab]`: the first argmax when `temperature <= 0`, else a
-/// draw from softmax(logits / temperature) restricted to the top-p nucleus.
+/// The next token from `logits` `[vocab]`: the first argmax when `temperature == 0`, else a
+/// draw from softmax(logits / temperature) restricted to the top-p nucleus. Throws naming the
+/// argument for a temperature that is not finite and >= 0, a top_p outside (0, 1], and (when
+/// sampling) logits that are not finite.
 inline token_id sample_token(std::span<const float> logits, double temperature, double top_p,
                              std::mt19937_64& rng) {
   SHADOWKV_CHECK(!logits.empty(), "sample_token: empty logits");
-  if (temperature <= 0.0)
+  SHADOWKV_CHECK(std::isfinite(temperature) && temperature >= 0.0, "temperature=", temperature,
+                 " must be finite and >= 0");
+  if (temperature == 0.0)
     return static_cast<token_id>(std::max_element(logits.begin(), logits.end()) - logits.begin());
   SHADOWKV_CHECK(top_p > 0.0 && top_p <= 1.0, "top_p=", top_p, " must be in (0, 1]");
   const float mx = *std::max_element(logits.begin(), logits.end());
   std::vector<double> p(logits.size());
   double sum = 0;
   for (std::size_t i = 0; i < p.size(); ++i) sum += (p[i] = std::exp((logits[i] - mx) / temperature));
+  // NaN or infinite logits leave no mass to sample from (and no nucleus to index).
+  SHADOWKV_CHECK(std::isfinite(sum) && sum > 0.0, "sample_token: the logits are not finite (softmax sum ",
+                 sum, ")");
   std::vector<token_id> order(p.size());
   std::iota(order.begin(), order.end(), 0);
   std::stable_sort(order.begin(), order.end(), [&](token_id a, token_id b) { return p[a] > p[b]; });
@@ -320,6 +327,9 @@ class Decoder {
   GenerationResult generate(std::span<const token_id> prompt, const GenerationOptions& opt, SeqId id = 0) {
     using Clock = std::chrono::steady_clock;
     SHADOWKV_CHECK(opt.max_new_tokens >= 0, "max_new_tokens=", opt.max_new_tokens, " must be >= 0");
+    SHADOWKV_CHECK(std::isfinite(opt.temperature) && opt.temperature >= 0.0, "temperature=", opt.temperature,
+                   " must be finite and >= 0");
+    SHADOWKV_CHECK(opt.top_p > 0.0 && opt.top_p <= 1.0, "top_p=", opt.top_p, " must be in (0, 1]");
     GenerationResult r;
     r.prompt_tokens = static_cast<index_t>(prompt.size());
     attn_.reset_stats();

@@ -32,11 +32,12 @@ inline std::string read_text_file(const std::filesystem::path& path) {
   return os.str();
 }
 
-/// Parses `text` as JSON; a syntax error names `source` and nlohmann's position.
+/// Parses `text` as JSON; a syntax error names `source` and nlohmann's position. (nlohmann's
+/// parser also throws out_of_range, for a number past double such as 1e309: caught alike.)
 inline nlohmann::json parse_json(std::string_view text, const std::string& source) {
   try {
     return nlohmann::json::parse(text.begin(), text.end());
-  } catch (const nlohmann::json::parse_error& e) {
+  } catch (const nlohmann::json::exception& e) {
     SHADOWKV_FAIL(source, ": invalid JSON (", e.what(), ")");
   }
 }

@@ -258,7 +258,7 @@ class SafetensorsFile {
     nlohmann::json json;
     try {
       json = nlohmann::json::parse(header.begin(), header.end());
-    } catch (const nlohmann::json::parse_error& e) {
+    } catch (const nlohmann::json::exception& e) {  // parse_error, or out_of_range for 1e309
       SHADOWKV_FAIL(file, ": header is not valid JSON (", e.what(), ")");
     }
     SHADOWKV_CHECK(json.is_object(), file, ": header is ", detail::json_kind(json),
@@ -346,7 +346,10 @@ class SafetensorsFile {
   void parse_header(const nlohmann::json& header) {
     const std::string file = path_.string();
     const std::uint64_t data_size = map_.size() - data_offset_;
-    for (const auto& [name, entry] : header.items()) {
+    for (const auto& item : header.items()) {
+      // Named references, not a structured binding: clang before 16 cannot capture one in `fail`.
+      const std::string& name = item.key();
+      const nlohmann::json& entry = item.value();
       if (name == "__metadata__") continue;
       auto fail = [&](const auto&... message) { SHADOWKV_FAIL(file, ": tensor '", name, "': ", message...); };
       if (!entry.is_object()) fail("header entry is ", detail::json_kind(entry), ", expected an object");

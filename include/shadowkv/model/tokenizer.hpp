@@ -310,7 +310,8 @@ class BpeTokenizer final : public Tokenizer {
   /// Builds from a parsed tokenizer.json; `source` names it in errors. Throws for a model
   /// that is not byte-level BPE, a vocab entry outside the byte alphabet or with a bad id, a
   /// byte without a token, a merge naming a token (or producing one) not in the vocab, a
-  /// malformed added token, and unsupported normalizers / pre-tokenizers / split regexes.
+  /// malformed added token (or one whose id another token of a different text has), and
+  /// unsupported normalizers / pre-tokenizers / split regexes.
   static BpeTokenizer from_json(const nlohmann::json& json, const std::string& source) {
     BpeTokenizer t;
     const JsonObject top(json, source);
@@ -501,6 +502,13 @@ class BpeTokenizer final : public Tokenizer {
       for (const AddedToken& other : added_)
         if (other.content == a.content && other.id != a.id)
           entry.fail("content", "'", a.content, "' is already added token ", other.id);
+      // An id may be shared only by tokens of the same text (GPT-2's <|endoftext|> is in the
+      // vocabulary too): otherwise decode(encode(s)) would not give s back.
+      if (static_cast<std::size_t>(a.id) < id_kind_.size() && id_kind_[a.id] != kUnassigned &&
+          id_bytes_[a.id] != a.content)
+        entry.fail("id", "=", a.id,
+                   " already stands for another token (added tokens may share an id only with a token "
+                   "of the same text)");
       assign(a.id, a.content, a.special ? kSpecial : kAdded);
       added_.push_back(std::move(a));
     }
