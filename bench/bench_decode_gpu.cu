@@ -15,6 +15,8 @@
 
 #include <shadowkv/shadowkv.cuh>
 
+#include "event_timer.cuh"
+
 using namespace shadowkv;
 namespace skc = shadowkv::cuda;  // libcu++ (pulled in by CUB) has a global ::cuda too
 
@@ -25,30 +27,7 @@ constexpr double kHbmBytesPerSecond = 4.0e12;  // GPU.md: ~3970-4240 GB/s measur
 
 using D = __nv_bfloat16;
 
-/// RAII CUDA event pair timing one region on a stream.
-class EventTimer {
- public:
-  explicit EventTimer(cudaStream_t s) : stream_(s) {
-    SHADOWKV_CUDA_CHECK(cudaEventCreate(&start_));
-    SHADOWKV_CUDA_CHECK(cudaEventCreate(&stop_));
-    SHADOWKV_CUDA_CHECK(cudaEventRecord(start_, stream_));
-  }
-  ~EventTimer() {
-    (void)cudaEventDestroy(start_);
-    (void)cudaEventDestroy(stop_);
-  }
-  double seconds() {
-    SHADOWKV_CUDA_CHECK(cudaEventRecord(stop_, stream_));
-    SHADOWKV_CUDA_CHECK(cudaEventSynchronize(stop_));
-    float ms = 0;
-    SHADOWKV_CUDA_CHECK(cudaEventElapsedTime(&ms, start_, stop_));
-    return ms / 1e3;
-  }
-
- private:
-  cudaStream_t stream_;
-  cudaEvent_t start_, stop_;
-};
+using shadowkv_bench::EventTimer;
 
 __global__ void fill_random(D* p, std::size_t n, unsigned seed) {
   for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;

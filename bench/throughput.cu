@@ -41,6 +41,8 @@
 
 #include <shadowkv/shadowkv.cuh>
 
+#include "event_timer.cuh"
+
 using namespace shadowkv;
 namespace skc = shadowkv::cuda;  // libcu++ (pulled in by CUB) has a global ::cuda too
 
@@ -370,32 +372,7 @@ void progress(const char* fmt, A... a) {
   std::fflush(stdout);
 }
 
-/// RAII CUDA event pair: time on the stream between construction and `ms()`.
-class EventTimer {
- public:
-  explicit EventTimer(cudaStream_t s) : stream_(s) {
-    SHADOWKV_CUDA_CHECK(cudaEventCreate(&start_));
-    SHADOWKV_CUDA_CHECK(cudaEventCreate(&stop_));
-    SHADOWKV_CUDA_CHECK(cudaEventRecord(start_, stream_));
-  }
-  EventTimer(const EventTimer&) = delete;
-  EventTimer& operator=(const EventTimer&) = delete;
-  ~EventTimer() {
-    (void)cudaEventDestroy(start_);
-    (void)cudaEventDestroy(stop_);
-  }
-  double ms() {
-    SHADOWKV_CUDA_CHECK(cudaEventRecord(stop_, stream_));
-    SHADOWKV_CUDA_CHECK(cudaEventSynchronize(stop_));
-    float t = 0;
-    SHADOWKV_CUDA_CHECK(cudaEventElapsedTime(&t, start_, stop_));
-    return t;
-  }
-
- private:
-  cudaStream_t stream_;
-  cudaEvent_t start_ = nullptr, stop_ = nullptr;
-};
+using shadowkv_bench::EventTimer;
 
 /// MemAvailable from /proc/meminfo (bytes), or 0 when unreadable.
 std::size_t host_available_bytes() {

@@ -681,11 +681,10 @@ class SparseAttention<Policy, CudaBackend, T> {
     }
   }
 
-  /// The keys of a built layer (ShadowKV): the basis (unless `finalize_bases` made it already)
-  /// and A for the indexed prompt rows.
+  /// The keys of a built layer (ShadowKV), once `finalize_bases` has made the basis: A for the
+  /// indexed prompt rows.
   void build_layer_keys(LayerState& staged, LayerState& st, cudaStream_t stream) {
     st.keys.emplace(std::move(*staged.keys));
-    if (!st.keys->has_basis()) st.keys->finalize_basis(stream);
     st.keys->append(reinterpret_cast<const T*>(staged.staged_k_pre.data()), st.local_begin,
                     static_cast<long long>(kv_row()), stream);
   }
