@@ -1,0 +1,470 @@
+#!/usr/bin/env python3
+"""Trains shadowkv's small retrieval model (issue 7) and exports it for the C++ decoder.
+
+A Llama-architecture decoder (RMSNorm, RoPE in the Hugging Face `rotate_half` layout, GQA,
+SwiGLU, untied LM head) over bytes (ids 0..255, bos 256, eos 257), trained on two synthetic
+long-context retrieval tasks in the spirit of RULER, hidden in filler sentences drawn from
+`words.txt`:
+
+- passkey: one 5-digit pass key stated once somewhere in the filler, asked for at the end;
+- mk-niah: several "special magic numbers" (7 digits) each tied to a key made of two words,
+  one key asked for at the end (the other needles are distractors).
+
+The loss is cross-entropy on the answer (digits + eos), plus a small weight on predicting every
+byte. A curriculum raises the longest context from 512 to 16384 tokens. Each run stops at
+`--minutes`, writes a checkpoint that the next run can resume (`--resume`), and exports
+`config.json`, `model.safetensors` (BF16), `tasks.json` and `words.txt` into `--out`, the folder
+the C++ decoder and accuracy harness load.
+
+The task texts live in TASKS below and are written into tasks.json: the C++ accuracy harness
+builds its test prompts from that file, so training and testing use one definition.
+
+Runs on a GPU with PyTorch >= 2.0 (flash attention through scaled_dot_product_attention);
+`--smoke` runs a few steps of a tiny model on the CPU to check the script itself.
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import struct
+import sys
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BOS, EOS, VOCAB = 256, 257, 258
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# The two tasks. {v} is the value, {k} the key; the prompt is bos + prefix + haystack + query
+# and the answer is the value's digits + eos.
+TASKS = {
+    "passkey": {
+        "prefix": "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. ",
+        "needle": "The pass key is {v}. Remember it. {v} is the pass key.",
+        "query": " What is the pass key? The pass key is ",
+        "value_digits": 5,
+        "needles": 1,
+    },
+    "mk-niah": {
+        "prefix": "Some special magic numbers are hidden inside a lot of irrelevant text. "
+                  "Find them and memorize them. ",
+        "needle": "One of the special magic numbers for {k} is: {v}.",
+        "query": " What is the special magic number for {k}? The special magic number for {k} is: ",
+        "value_digits": 7,
+        "needles": 4,  # at test time; training draws 2..6
+    },
+}
+MIN_WORDS, MAX_WORDS = 6, 14  # words per filler sentence
+
+
+class Tasks:
+    """Builds prompts of an exact token length (1 bos + bytes)."""
+
+    def __init__(self, words):
+        self.words = words
+
+    def sentence(self, rng):
+        n = rng.randint(MIN_WORDS, MAX_WORDS)
+        ws = [rng.choice(self.words) for _ in range(n)]
+        ws[0] = ws[0].capitalize()
+        return " ".join(ws) + "."
+
+    def value(self, rng, digits):
+        return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
+
+    def key(self, rng):
+        return rng.choice(self.words) + "-" + rng.choice(self.words)
+
+    def sample(self, rng, task, length, needles=None):
+        """Returns (prompt ids, answer ids) with len(prompt ids) == length."""
+        spec = TASKS[task]
+        count = needles if needles is not None else spec["needles"]
+        keys = []
+        while len(keys) < count:
+            k = self.key(rng)
+            if k not in keys:
+                keys.append(k)
+        values = [self.value(rng, spec["value_digits"]) for _ in keys]
+        texts = [spec["needle"].format(k=k, v=v) for k, v in zip(keys, values)]
+        asked = rng.randrange(count)
+        query = spec["query"].format(k=keys[asked])
+        fixed = 1 + len(spec["prefix"]) + len(query) + sum(len(t) + 1 for t in texts)
+        room = length - fixed
+        if room < 16:
+            raise ValueError(f"length {length} is too short for task {task} ({fixed} tokens of text)")
+        sents, total = [], -1
+        while total < room:
+            s = self.sentence(rng)
+            sents.append(s)
+            total += len(s) + 1
+        # Needles go before a random filler sentence (never after the last one, which is cut
+        # to make the length exact), at independent uniform depths.
+        slots = sorted(rng.randrange(len(sents)) for _ in texts)
+        order = list(range(count))
+        rng.shuffle(order)
+        cut = total - room
+        sents[-1] = sents[-1][: len(sents[-1]) - cut] if cut else sents[-1]
+        parts, j = [], 0
+        for i, s in enumerate(sents):
+            while j < count and slots[j] == i:
+                parts.append(texts[order[j]])
+                j += 1
+            parts.append(s)
+        text = spec["prefix"] + " ".join(parts) + query
+        prompt = [BOS] + list(text.encode("ascii"))
+        assert len(prompt) == length, (len(prompt), length)
+        answer = list(values[asked].encode("ascii")) + [EOS]
+        return prompt, answer
+
+
+# ----------------------------------------------------------------------------------------- model
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, n, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * self.weight.float()).to(x.dtype)
+
+
+def rope_tables(length, head_dim, theta, device):
+    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
+    ang = torch.outer(torch.arange(length, device=device, dtype=torch.float64), inv)
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x, cos, sin):  # x [B, H, L, d]; rotate_half layout
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rot.float() * sin).to(x.dtype)
+
+
+def attention(q, k, v):
+    if hasattr(F, "scaled_dot_product_attention"):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    # PyTorch < 2.0 (the --smoke check on a CPU): plain causal attention.
+    s = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    n = q.shape[-2]
+    s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=q.device).triu(1), float("-inf"))
+    return (s.softmax(-1) @ v.float()).to(q.dtype)
+
+
+class Layer(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        h, d = c["hidden_size"], c["head_dim"]
+        self.hq, self.hkv, self.d = c["num_attention_heads"], c["num_key_value_heads"], d
+        self.input_layernorm = RMSNorm(h, c["rms_norm_eps"])
+        self.q_proj = nn.Linear(h, self.hq * d, bias=False)
+        self.k_proj = nn.Linear(h, self.hkv * d, bias=False)
+        self.v_proj = nn.Linear(h, self.hkv * d, bias=False)
+        self.o_proj = nn.Linear(self.hq * d, h, bias=False)
+        self.post_attention_layernorm = RMSNorm(h, c["rms_norm_eps"])
+        self.gate_proj = nn.Linear(h, c["intermediate_size"], bias=False)
+        self.up_proj = nn.Linear(h, c["intermediate_size"], bias=False)
+        self.down_proj = nn.Linear(c["intermediate_size"], h, bias=False)
+
+    def forward(self, x, cos, sin):
+        b, n, _ = x.shape
+        h = self.input_layernorm(x)
+        q = self.q_proj(h).view(b, n, self.hq, self.d).transpose(1, 2)
+        k = self.k_proj(h).view(b, n, self.hkv, self.d).transpose(1, 2)
+        v = self.v_proj(h).view(b, n, self.hkv, self.d).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        g = self.hq // self.hkv  # query head i reads KV head i // g
+        k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+        a = attention(q, k, v).transpose(1, 2).reshape(b, n, self.hq * self.d)
+        x = x + self.o_proj(a)
+        h = self.post_attention_layernorm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+
+
+class Model(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+        self.embed_tokens = nn.Embedding(c["vocab_size"], c["hidden_size"])
+        self.layers = nn.ModuleList(Layer(c) for _ in range(c["num_hidden_layers"]))
+        self.norm = RMSNorm(c["hidden_size"], c["rms_norm_eps"])
+        self.lm_head = nn.Linear(c["hidden_size"], c["vocab_size"], bias=False)
+        std = 0.02
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                scale = 1.0 / math.sqrt(2 * c["num_hidden_layers"]) if name.endswith(("o_proj.weight", "down_proj.weight")) else 1.0
+                nn.init.normal_(p, std=std * scale)
+
+    def forward(self, ids):
+        n = ids.shape[1]
+        cos, sin = rope_tables(n, self.c["head_dim"], self.c["rope_theta"], ids.device)
+        x = self.embed_tokens(ids)
+        for layer in self.layers:
+            x = layer(x, cos, sin)
+        return self.lm_head(self.norm(x))
+
+    def hf_state(self):
+        """Parameters under the Hugging Face Llama names the C++ loader expects."""
+        out = {"model.embed_tokens.weight": self.embed_tokens.weight, "model.norm.weight": self.norm.weight,
+               "lm_head.weight": self.lm_head.weight}
+        for i, L in enumerate(self.layers):
+            p = f"model.layers.{i}."
+            out[p + "input_layernorm.weight"] = L.input_layernorm.weight
+            out[p + "post_attention_layernorm.weight"] = L.post_attention_layernorm.weight
+            for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                out[p + f"self_attn.{n}.weight"] = getattr(L, n).weight
+            for n in ("gate_proj", "up_proj", "down_proj"):
+                out[p + f"mlp.{n}.weight"] = getattr(L, n).weight
+        return out
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+def schedule_length(step, total_steps, max_len):
+    """Longest context of a step: 512 doubling up to max_len over the first 60% of training."""
+    levels = []
+    n = 512
+    while n <= max_len:
+        levels.append(n)
+        n *= 2
+    frac = min(1.0, step / max(1, 0.6 * total_steps))
+    return levels[min(len(levels) - 1, int(frac * len(levels)))], levels
+
+
+def make_batch(tasks, step, seed, total_steps, max_len, tokens_per_step):
+    """Batch of one step (a pure function of seed and step: re-runs and resumes repeat it)."""
+    rng = random.Random(seed * 1_000_003 + step)
+    top, levels = schedule_length(step, total_steps, max_len)
+    # Half the steps at the current top length, the rest spread over the shorter levels.
+    cands = [l for l in levels if l <= top]
+    length = top if rng.random() < 0.5 else rng.choice(cands)
+    length = max(512, int(length * rng.uniform(0.75, 1.0)) // 64 * 64) if rng.random() < 0.5 else length
+    batch = max(1, tokens_per_step // length)
+    rows, masks = [], []
+    for _ in range(batch):
+        task = "passkey" if rng.random() < 0.35 else "mk-niah"
+        needles = 1 if task == "passkey" else rng.randint(2, min(6, 2 + length // 1024))
+        prompt, answer = tasks.sample(rng, task, length, needles)
+        rows.append(prompt + answer)
+        masks.append(len(prompt))
+    width = max(len(r) for r in rows)
+    ids = torch.full((batch, width), EOS, dtype=torch.long)
+    ans = torch.zeros((batch, width - 1), dtype=torch.bool)
+    valid = torch.zeros((batch, width - 1), dtype=torch.bool)
+    for i, (r, p) in enumerate(zip(rows, masks)):
+        ids[i, : len(r)] = torch.tensor(r)
+        ans[i, p - 1 : len(r) - 1] = True  # targets r[p..]: the answer
+        valid[i, : len(r) - 1] = True
+    return ids, ans, valid, length
+
+
+class Batches(torch.utils.data.IterableDataset):
+    """Steps start, start+1, ... of make_batch; worker w of n makes steps start+w, start+w+n, ...
+    and the DataLoader takes them round robin, so the order is the same with any worker count."""
+
+    def __init__(self, tasks, start, a):
+        super().__init__()
+        self.tasks, self.start, self.a = tasks, start, a
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        w, n = (info.id, info.num_workers) if info else (0, 1)
+        step = self.start + w
+        while True:
+            yield make_batch(self.tasks, step, self.a.seed, self.a.total_steps, self.a.max_len, self.a.tokens_per_step)
+            step += n
+
+
+@torch.no_grad()
+def evaluate(model, tasks, device, lengths, n, seed, dtype):
+    """Exact-match accuracy (teacher-forced argmax of every answer token == greedy decode)."""
+    model.eval()
+    res = {}
+    for task in TASKS:
+        for length in lengths:
+            rng = random.Random(seed * 7919 + length + (0 if task == "passkey" else 1))
+            good = 0
+            per = max(1, min(n, 65536 // length))
+            done = 0
+            while done < n:
+                m = min(per, n - done)
+                rows = [tasks.sample(rng, task, length) for _ in range(m)]
+                ids = torch.tensor([p + a for p, a in rows], device=device)
+                with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+                    logits = model(ids[:, :-1])
+                for i, (p, a) in enumerate(rows):
+                    pred = logits[i, len(p) - 1 : len(p) - 1 + len(a)].argmax(-1).tolist()
+                    good += pred == a
+                done += m
+            res[f"{task}@{length}"] = good / n
+    model.train()
+    return res
+
+
+def write_safetensors(path, tensors):
+    """BF16 safetensors (the format's header: u64 length + JSON, 8-byte padded, then data)."""
+    header, blobs, off = {"__metadata__": {"format": "pt"}}, [], 0
+    for name, t in tensors.items():
+        b = t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes()
+        header[name] = {"dtype": "BF16", "shape": list(t.shape), "data_offsets": [off, off + len(b)]}
+        blobs.append(b)
+        off += len(b)
+    h = json.dumps(header, separators=(",", ":")).encode()
+    h += b" " * (-len(h) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(h)))
+        f.write(h)
+        for b in blobs:
+            f.write(b)
+
+
+def export(model, out, words_path, info):
+    os.makedirs(out, exist_ok=True)
+    c = dict(model.c)
+    c.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": BOS,
+              "eos_token_id": EOS, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+              "shadowkv_tokenizer": "bytes", "shadowkv_note": info})
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(c, f, indent=2)
+        f.write("\n")
+    write_safetensors(os.path.join(out, "model.safetensors"), model.hf_state())
+    with open(os.path.join(out, "tasks.json"), "w") as f:
+        json.dump({"bos": BOS, "eos": EOS, "words": "words.txt", "sentence_words": [MIN_WORDS, MAX_WORDS],
+                   "tasks": TASKS}, f, indent=2)
+        f.write("\n")
+    with open(words_path) as src, open(os.path.join(out, "words.txt"), "w") as dst:
+        dst.write(src.read())
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="folder for the exported model, checkpoint and log")
+    ap.add_argument("--resume", help="checkpoint folder of an earlier run (ckpt_model.pt, ckpt_opt.pt)")
+    ap.add_argument("--minutes", type=float, default=9.0, help="stop training after this many minutes")
+    ap.add_argument("--total-steps", type=int, default=10000, help="steps of the whole schedule (all runs)")
+    ap.add_argument("--tokens-per-step", type=int, default=131072)
+    ap.add_argument("--max-len", type=int, default=16384)
+    ap.add_argument("--lr", type=float, default=1.5e-3)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--final-eval", type=int, default=100, help="cases per task and length in the last eval")
+    ap.add_argument("--smoke", action="store_true", help="a tiny model for a few steps on the CPU")
+    a = ap.parse_args()
+
+    torch.manual_seed(a.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+    cfg = {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
+           "head_dim": 64, "intermediate_size": 640, "vocab_size": VOCAB, "rms_norm_eps": 1e-5,
+           "rope_theta": 100000.0, "max_position_embeddings": 32768}
+    if a.smoke:
+        cfg.update({"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128})
+        a.total_steps, a.tokens_per_step, a.max_len, a.eval_every, a.final_eval = 6, 2048, 1024, 3, 2
+    words_path = os.path.join(HERE, "words.txt")
+    with open(words_path) as f:
+        tasks = Tasks([w for w in f.read().split() if w])
+    model = Model(cfg).to(device)
+    decay = [p for p in model.parameters() if p.dim() == 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
+                            lr=a.lr, betas=(0.9, 0.95))
+    step, log_path = 0, os.path.join(a.out, "train_log.jsonl")
+    os.makedirs(a.out, exist_ok=True)
+    if a.resume:
+        ck = torch.load(os.path.join(a.resume, "ckpt_model.pt"), map_location=device)
+        model.load_state_dict(ck["model"])
+        step = ck["step"]
+        op = torch.load(os.path.join(a.resume, "ckpt_opt.pt"), map_location=device)
+        for p, (m, v) in zip(model.parameters(), op["moments"]):
+            opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": m.float().to(device),
+                            "exp_avg_sq": v.float().to(device)}
+        print(f"resumed from {a.resume} at step {step}", flush=True)
+        old = os.path.join(a.resume, "train_log.jsonl")
+        if os.path.exists(old) and os.path.abspath(old) != os.path.abspath(log_path):
+            with open(old) as src, open(log_path, "w") as dst:
+                dst.write(src.read())
+    nparams = sum(p.numel() for p in model.parameters())
+    print(f"model: {nparams / 1e6:.2f} M parameters, {cfg}", flush=True)
+    log = open(log_path, "a")
+    dtype = torch.bfloat16
+
+    def save():
+        torch.save({"model": model.state_dict(), "step": step, "config": cfg}, os.path.join(a.out, "ckpt_model.pt"))
+        moments = [(opt.state[p]["exp_avg"].to(torch.bfloat16), opt.state[p]["exp_avg_sq"].to(torch.bfloat16))
+                   if p in opt.state else (torch.zeros_like(p, dtype=torch.bfloat16),) * 2
+                   for p in model.parameters()]
+        torch.save({"moments": moments, "step": step}, os.path.join(a.out, "ckpt_opt.pt"))
+
+    t0 = time.time()
+    last_save = t0
+    warmup = 200 if not a.resume else 50
+    first = step
+    tokens = 0
+    workers = 0 if a.smoke else min(10, max(1, (os.cpu_count() or 2) - 2))
+    extra = {"prefetch_factor": 4} if workers else {}
+    loader = iter(torch.utils.data.DataLoader(Batches(tasks, step, a), batch_size=None, num_workers=workers,
+                                              pin_memory=device.type == "cuda", **extra))
+    while step < a.total_steps and time.time() - t0 < a.minutes * 60:
+        ids, ans, valid, length = next(loader)
+        length = int(length)
+        ids, ans, valid = ids.to(device, non_blocking=True), ans.to(device), valid.to(device)
+        lr = a.lr * min(1.0, (step - first + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / a.total_steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
+            logits = model(ids[:, :-1])
+        ce = F.cross_entropy(logits.float().reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="none").view_as(ans)
+        answer_loss = ce[ans].mean()
+        lm_loss = ce[valid].mean()
+        loss = answer_loss + 0.1 * lm_loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        tokens += ids.numel()
+        if step % 50 == 0 or step == first + 1:
+            el = time.time() - t0
+            rec = {"step": step, "len": length, "batch": ids.shape[0], "answer_loss": round(answer_loss.item(), 4),
+                   "lm_loss": round(lm_loss.item(), 4), "lr": lr, "elapsed_s": round(el, 1),
+                   "tokens_per_s": round(tokens / max(el, 1e-9))}
+            print(json.dumps(rec), flush=True)
+            log.write(json.dumps(rec) + "\n")
+        if step % a.eval_every == 0:
+            top, _ = schedule_length(step, a.total_steps, a.max_len)
+            acc = evaluate(model, tasks, device, sorted({1024, top}), 32 if not a.smoke else 2, 12345, dtype)
+            rec = {"step": step, "eval": acc, "elapsed_s": round(time.time() - t0, 1)}
+            print(json.dumps(rec), flush=True)
+            log.write(json.dumps(rec) + "\n")
+            log.flush()
+        if time.time() - last_save > 120:
+            save()
+            last_save = time.time()
+    save()
+    print(f"trained to step {step} of {a.total_steps} in {time.time() - t0:.0f} s", flush=True)
+    lengths = [l for l in (2048, 4096, 8192, 16384) if l <= a.max_len] or [a.max_len]
+    # The exported weights are BF16: evaluate those, as the C++ decoder will see them.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.to(torch.bfloat16).float())
+    acc = evaluate(model, tasks, device, lengths, a.final_eval, 424242, dtype)
+    rec = {"step": step, "final_eval": acc, "cases": a.final_eval, "elapsed_s": round(time.time() - t0, 1)}
+    print(json.dumps(rec), flush=True)
+    log.write(json.dumps(rec) + "\n")
+    log.close()
+    info = (f"trained by tools/train/train_retrieval.py (seed {a.seed}, {step} steps) on synthetic passkey and "
+            f"multi-key needle retrieval up to {a.max_len} tokens; see models/README.md")
+    export(model, a.out, words_path, info)
+    print(f"exported to {a.out}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
