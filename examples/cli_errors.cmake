@@ -99,6 +99,11 @@ expect_exit(1 "invalid JSON" --model ${WORK}/bad-config)
 expect_exit(1 model.safetensors --model ${WORK}/no-weights)
 expect_exit(1 "header length" --model ${WORK}/bad-weights)
 
+# The default retrieval prompt of the trained model (models/retrieval-4l).
+expect_usage_error(--task --task nope)
+expect_usage_error(--context --context 100)
+expect_usage_error(--context --context 5)
+
 execute_process(COMMAND ${EXE} --help RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
 if(NOT rc EQUAL 0 OR NOT out MATCHES "--prompt-ids")
   message(FATAL_ERROR "shadowkv-decode --help: exit status ${rc}\n${out}${err}")

@@ -42,6 +42,10 @@ struct Options {
   double temperature = 0.0, top_p = 1.0;
   std::uint64_t seed = 0;
   bool no_bos = false;
+  std::string task = "passkey";  ///< default retrieval prompt (a model folder with tasks.json)
+  index_t context = 4096;
+  std::uint64_t case_seed = 1;
+  std::string expected;  ///< the retrieval prompt's answer; empty for other prompts
 };
 
 /// Bytes of generated text for a terminal: valid UTF-8 as is, newlines and tabs as is, other
@@ -98,7 +102,8 @@ int run(const Options& o, const fs::path& dir, const ModelConfig& cfg, const Wei
   Config attn = cfg.attention_config();
   attn.chunk_size = o.chunk_size;
   attn.local_chunks = o.local_chunks;
-  attn.rank = parse_knob("--rank", o.rank, std::min(160, attn.kv_dim()), 1);
+  // auto: the paper's 160 of 1024 (15.6%) of num_kv_heads * head_dim, at most 160.
+  attn.rank = parse_knob("--rank", o.rank, std::clamp((attn.kv_dim() * 160 + 512) / 1024, 1, 160), 1);
   if (attn.rank > attn.kv_dim())
     throw UsageError{"--rank", std::to_string(attn.rank) + " exceeds num_kv_heads*head_dim=" +
                                    std::to_string(attn.kv_dim()) + " of this model"};
@@ -155,6 +160,10 @@ int run(const Options& o, const fs::path& dir, const ModelConfig& cfg, const Wei
   std::printf("--- generated: %zu tokens (%s) ---\n%s\n---\n", r.tokens.size(),
               r.stopped_at_eos ? "stopped at eos" : "max-new-tokens reached",
               printable(tok.decode(r.tokens, /*skip_special=*/true)).c_str());
+  if (!o.expected.empty()) {
+    const std::string text = tok.decode(r.tokens, /*skip_special=*/true);
+    std::printf("answer:  %s (expected %s)\n", text == o.expected ? "found" : "NOT found", o.expected.c_str());
+  }
   std::printf("prefill: %lld tokens in %.3f s = %.1f tokens/s\n", static_cast<long long>(r.prompt_tokens),
               r.prefill_seconds, r.prefill_tokens_per_second());
   std::printf("decode:  %lld steps in %.3f s = %.1f tokens/s\n", static_cast<long long>(r.decode_steps),

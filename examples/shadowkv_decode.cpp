@@ -27,6 +27,7 @@
 #include <unistd.h>
 
 #include "decode_run.hpp"
+#include "retrieval_tasks.hpp"
 #include "tiny_model.hpp"
 
 #ifndef SHADOWKV_DECODE_CUDA
@@ -99,6 +100,12 @@ int main(int argc, char** argv) {
   Options o;
   const fs::path exe_dir = executable_dir(argv[0]);
   const fs::path tiny_dir = exe_dir / "tiny-model";
+#ifdef SHADOWKV_DEFAULT_MODEL_DIR
+  const fs::path trained_dir = SHADOWKV_DEFAULT_MODEL_DIR;
+#else
+  const fs::path trained_dir;
+#endif
+  const bool have_trained = !trained_dir.empty() && fs::exists(trained_dir / "config.json");
   CLI::App app{
       "shadowkv-decode: generate text with a Llama-family model (Llama 2/3/3.1, Yi, Qwen2, GLM-4) whose "
       "attention runs through shadowkv::SparseAttention.\n\n"
@@ -110,11 +117,15 @@ int main(int argc, char** argv) {
       "printable UTF-8 as \\xNN), prefill and decode tokens/s, the bytes the sequence's attention state "
       "holds on the device and on the host (with --device cpu: as the CUDA backend would place them) and, "
       "for ShadowKV, the hit rate of the device value cache.\n\n"
-      "Without --model it uses a tiny model with random weights (4 layers, hidden 256, 4/2 heads of "
-      "dim 64, byte vocabulary), written on first use to " +
+      "Without --model it uses the project's trained retrieval model (" +
+      (trained_dir.empty() ? std::string("models/retrieval-4l") : trained_dir.string()) +
+      ": 4 layers, byte vocabulary, trained on passkey and multi-key needle retrieval up to 16K tokens; see "
+      "models/README.md) when the source tree is there, else (or with --model tiny) a tiny model with random "
+      "weights written on first use to " +
       tiny_dir.string() +
-      ". Its output is gibberish by design: it shows the machinery, not language, until the project's "
-      "trained model replaces it.\n\n"
+      " (its output is gibberish by design). For a model folder with a tasks.json (the trained model) and no "
+      "prompt given, the prompt is a retrieval case of --task, --context tokens and --case: the run prints the "
+      "expected answer and whether the model found it.\n\n"
       "Policies: dense (full KV cache, exact), shadowkv (low-rank keys, offloaded values, landmark "
       "selection; the paper), oracle (exact attention scores choose the chunks: the ceiling of chunk "
       "selection). The sparse policies need a prompt at least as long as their static set, "
@@ -122,14 +133,22 @@ int main(int argc, char** argv) {
       "Exit status: 0 success, 2 bad command line (the message names the flag), 1 other errors.",
       "shadowkv-decode"};
   app.get_formatter()->column_width(34);
-  app.add_option("--model", o.model, "model folder (default: the tiny random model, generated on first use)");
-  auto* p_text = app.add_option("--prompt", o.prompt, "prompt text (default: a built-in ~2K-byte paragraph)");
+  app.add_option("--model", o.model,
+                 "model folder, or tiny (default: the trained retrieval model, else the tiny random model)");
+  auto* p_text = app.add_option("--prompt", o.prompt,
+                                "prompt text (default: a retrieval case for a model with tasks.json, else a "
+                                "built-in ~2K-byte paragraph)");
   auto* p_file = app.add_option("--prompt-file", o.prompt_file, "read the prompt text from this file")
                      ->check(CLI::ExistingFile);
   auto* p_ids = app.add_option("--prompt-ids", o.prompt_ids,
                                "the prompt as token ids, comma-separated (e.g. 256,72,105); no bos is added");
   p_text->excludes(p_file)->excludes(p_ids);
   p_file->excludes(p_ids);
+  app.add_option("--task", o.task, "task of the default retrieval prompt (a task of the model's tasks.json)")
+      ->capture_default_str();
+  app.add_option("--context", o.context, "length in tokens of the default retrieval prompt")
+      ->check(CLI::Range(index_t{64}, index_t{1} << 24))->capture_default_str();
+  app.add_option("--case", o.case_seed, "seed of the default retrieval prompt")->capture_default_str();
   app.add_option("--max-new-tokens", o.max_new_tokens, "tokens to generate at most")
       ->check(CLI::Range(0, 1 << 20))->capture_default_str();
   app.add_option("--policy", o.policy, "attention policy: shadowkv, dense or oracle")
@@ -138,7 +157,7 @@ int main(int argc, char** argv) {
                  "cpu, cuda, or auto = cuda when this build has CUDA and a GPU is there, else cpu (the weights "
                  "go to the device as float; logits come back to the host for sampling)")
       ->check(CLI::IsMember({"auto", "cpu", "cuda"}))->capture_default_str();
-  app.add_option("--rank", o.rank, "ShadowKV key rank, or auto = min(160, num_kv_heads*head_dim)")
+  app.add_option("--rank", o.rank, "ShadowKV key rank, or auto = 15.6% (the paper's 160/1024) of num_kv_heads*head_dim, at most 160")
       ->capture_default_str();
   app.add_option("--budget", o.budget,
                  "selected tokens per KV head and step (a multiple of --chunk-size), or auto = the largest "
@@ -172,7 +191,9 @@ int main(int argc, char** argv) {
     if (std::isnan(o.top_p)) throw UsageError{"--top-p", "nan is not a number in (0, 1]"};
     resolve_device(o);
     fs::path dir = o.model;
-    if (o.model.empty()) {
+    if (o.model.empty() && have_trained) {
+      dir = trained_dir;
+    } else if (o.model.empty() || o.model == "tiny") {
       dir = tiny_dir;
       if (!fs::exists(dir / "config.json") || !fs::exists(dir / "model.safetensors")) {
         // Written aside and renamed, so that a concurrent run never sees half a model.
@@ -192,7 +213,21 @@ int main(int argc, char** argv) {
     const auto tok = load_tokenizer(dir, cfg);
 
     std::vector<token_id> prompt;
-    if (!o.prompt_ids.empty()) {
+    const bool retrieval = o.prompt.empty() && o.prompt_file.empty() && o.prompt_ids.empty() &&
+                           fs::exists(dir / "tasks.json");
+    if (retrieval) {
+      const shadowkv_examples::RetrievalTasks tasks(dir);
+      if (!tasks.has(o.task)) throw UsageError{"--task", "'" + o.task + "' is not a task of " + (dir / "tasks.json").string()};
+      if (o.context < tasks.fixed_tokens(o.task) + 16)
+        throw UsageError{"--context", std::to_string(o.context) + " is too short for task " + o.task + " (at least " +
+                                          std::to_string(tasks.fixed_tokens(o.task) + 16) + ")"};
+      const shadowkv_examples::RetrievalCase c = tasks.make(o.task, o.context, o.case_seed);
+      prompt = c.prompt;
+      o.expected = c.value;
+      std::printf("task:    %s, %lld-token prompt (case %llu); the asked needle is at %.0f%% of it; expected answer %s\n",
+                  o.task.c_str(), static_cast<long long>(o.context), static_cast<unsigned long long>(o.case_seed),
+                  100.0 * c.depth, c.value.c_str());
+    } else if (!o.prompt_ids.empty()) {
       prompt = parse_ids(o.prompt_ids, cfg.vocab_size);
     } else {
       std::string text = o.prompt;

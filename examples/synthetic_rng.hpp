@@ -18,6 +18,8 @@ class Rng {
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
     return z ^ (z >> 31);
   }
+  /// Uniform integer in [0, n), n >= 1 (modulo: a bias below n / 2^64).
+  std::uint64_t below(std::uint64_t n) { return next() % n; }
   /// Uniform in (0, 1).
   float uniform() { return (static_cast<float>(next() >> 40) + 0.5f) * 0x1.0p-24f; }
   /// Uniform with mean 0 and variance 1.

@@ -17,6 +17,7 @@
 #include <shadowkv/model/decoder.hpp>
 #include <shadowkv/model/model.hpp>
 
+#include "../examples/retrieval_tasks.hpp"
 #include "../examples/tiny_model.hpp"
 #include "safetensors_writer.hpp"
 #include "test_util.hpp"
@@ -342,6 +343,59 @@ TEST_CASE("decoder: batched decode equals one sequence at a time") {
   CHECK(skv_test::rel_error(skv_test::to_double(second), skv_test::to_double(only)) < 1e-6);
 }
 
+TEST_CASE("decoder: the observer sees every attention call; its keys and values prefill another policy") {
+  // One prompt pass (dense) hands each layer's keys and values to a ShadowKV attention state
+  // (prefill with empty queries); that state then decodes exactly like a ShadowKV decoder that
+  // ran the prompt itself. This is how the accuracy harness shares one prefill among policies.
+  const std::uint64_t seed = skv_test::test_seed();
+  CAPTURE(seed);
+  const LoadedModel m(seed, Shape{});
+  const ModelConfig& cfg = m.cfg;
+  std::mt19937_64 rng(seed + 5);
+  const std::vector<token_id> prompt = random_tokens(rng, 75, m.s.vocab);
+  Config knobs = cfg.attention_config();
+  knobs.rank = 40;
+  knobs.chunk_size = 8;
+  knobs.sparse_budget = 24;
+  knobs.outlier_chunks = 1;
+  knobs.local_chunks = 2;
+  Decoder<DensePolicy> lead(cfg, m.store, dense_config(cfg));
+  Decoder<ShadowKVPolicy> fed(cfg, m.store, knobs), alone(cfg, m.store, knobs);
+  std::vector<std::pair<bool, int>> calls;
+  index_t prefill_rows = 0;
+  lead.set_observer([&](const AttentionEvent& e) {
+    calls.emplace_back(e.prefill, e.layer);
+    REQUIRE(e.ids.size() == 1);
+    CHECK(e.ids[0] == 4);
+    CHECK(e.keys.shape[1] == cfg.num_kv_heads);
+    CHECK(e.queries.shape[1] == cfg.num_q_heads);
+    CHECK(e.out.shape[0] == e.queries.shape[0]);
+    if (!e.prefill) return;
+    if (e.layer == 0) prefill_rows += e.keys.shape[0];
+    std::apply([&](auto... a) { fed.attention().prefill(4, e.layer, {}, e.keys, e.values, {}, a...); },
+               lead.attention_args());
+  });
+  lead.add_sequence(4);
+  fed.add_sequence(4);
+  alone.add_sequence(4);
+  const std::vector<float> lead_logits = lead.prefill(4, prompt, 32);
+  fed.attention().finish_prefill(4);
+  const std::vector<float> alone_logits = alone.prefill(4, prompt, 32);
+  CHECK(prefill_rows == 75);
+  CHECK(calls.size() == 3u * static_cast<std::size_t>(cfg.num_layers));  // 3 chunks of 32
+  CHECK(skv_test::rel_error(skv_test::to_double(lead_logits), skv_test::to_double(alone_logits)) < 1e-5);
+  const SeqId ids[1] = {4};
+  for (int step = 0; step < 6; ++step) {
+    const token_id t[1] = {static_cast<token_id>(rng() % static_cast<std::uint64_t>(m.s.vocab))};
+    const std::vector<float> a = fed.decode(ids, t), b = alone.decode(ids, t);
+    CHECK(a == b);  // bit-identical: the same keys and values in the same order
+    calls.clear();
+    lead.decode(ids, t);
+    REQUIRE(calls.size() == static_cast<std::size_t>(cfg.num_layers));
+    for (int l = 0; l < cfg.num_layers; ++l) CHECK(calls[l] == std::pair<bool, int>{false, l});
+  }
+}
+
 TEST_CASE("decoder: sampling is greedy at temperature 0 and reproducible with a seed") {
   const std::vector<float> logits = {0.1f, 2.0f, -1.0f, 1.9f, 2.0f};
   std::mt19937_64 rng(1);
@@ -410,6 +464,61 @@ TEST_CASE("decoder: the examples' tiny default model is deterministic, loads and
   CHECK(!r.tokens.empty());
   CHECK(r.prompt_tokens == static_cast<index_t>(prompt.size()));
   CHECK(r.memory.device_bytes > 0);
+}
+
+TEST_CASE("retrieval tasks: exact lengths, the answer is in the prompt once, fresh cases per seed, errors") {
+  // The generator of the accuracy harness and of shadowkv-decode's default prompt, on a
+  // tasks.json written here (the trained model's own is checked by the harness's smoke run).
+  const TempDir dir;
+  {
+    std::ofstream t(dir.path() / "tasks.json");
+    t << R"({"bos": 256, "eos": 257, "words": "words.txt", "sentence_words": [3, 5], "tasks": {
+      "passkey": {"prefix": "Find the key. ", "needle": "The key is {v}.", "query": " The key is ",
+                  "value_digits": 5, "needles": 1},
+      "mk": {"prefix": "Numbers. ", "needle": "Number for {k}: {v}.", "query": " Number for {k}: ",
+             "value_digits": 7, "needles": 3}}})";
+    std::ofstream w(dir.path() / "words.txt");
+    w << "red\ngreen\nblue\nsky\nstone\nriver\n";
+  }
+  const shadowkv_examples::RetrievalTasks tasks(dir.path());
+  CHECK(tasks.names() == std::vector<std::string>{"mk", "passkey"});
+  const std::uint64_t seed = skv_test::test_seed();
+  CAPTURE(seed);
+  for (const std::string task : {"passkey", "mk"})
+    for (const std::int64_t length : {std::int64_t{200}, std::int64_t{333}, std::int64_t{2048}}) {
+      CAPTURE(task);
+      CAPTURE(length);
+      const auto c = tasks.make(task, length, seed + static_cast<std::uint64_t>(length));
+      REQUIRE(static_cast<std::int64_t>(c.prompt.size()) == length);
+      CHECK(c.prompt[0] == 256);
+      CHECK(c.value.size() == (task == "mk" ? 7u : 5u));
+      CHECK(c.value[0] != '0');
+      REQUIRE(c.answer.size() == c.value.size() + 1);
+      CHECK(c.answer.back() == 257);
+      const std::string text(c.prompt.begin() + 1, c.prompt.end());
+      for (std::size_t i = 1; i < text.size(); ++i) CHECK(static_cast<unsigned char>(text[i]) < 128);
+      // The asked value is stated once, right after its key, and the query ends the prompt.
+      const std::string needle = task == "mk" ? ": " + c.value + "." : "is " + c.value + ".";
+      const std::size_t at = text.find(needle);
+      REQUIRE(at != std::string::npos);
+      CHECK(text.find(needle, at + 1) == std::string::npos);
+      const std::string tail = task == "mk" ? ": " : " The key is ";
+      CHECK(text.compare(text.size() - tail.size(), tail.size(), tail) == 0);
+      if (task == "mk") {
+        const std::string asked = text.substr(text.rfind(" Number for ") + 12);  // "<key>: "
+        CHECK(text.find("for " + asked + c.value + ".") != std::string::npos);
+      }
+      CHECK(c.depth > 0.0);
+      CHECK(c.depth < 1.0);
+      // Same seed, same case; another seed, another case.
+      CHECK(tasks.make(task, length, seed + static_cast<std::uint64_t>(length)).prompt == c.prompt);
+      CHECK(tasks.make(task, length, seed + static_cast<std::uint64_t>(length) + 1).prompt != c.prompt);
+    }
+  CHECK_THROWS_WITH_AS(tasks.make("mk", 60, 1), doctest::Contains("too short for task 'mk'"), Error);
+  CHECK_THROWS_WITH_AS(tasks.make("nope", 500, 1), doctest::Contains("unknown task 'nope'"), Error);
+  CHECK(tasks.fixed_tokens("mk") < 200);
+  std::ofstream(dir.path() / "tasks.json") << R"({"bos": 256})";
+  CHECK_THROWS_WITH_AS(shadowkv_examples::RetrievalTasks{dir.path()}, doctest::Contains("tasks.json"), Error);
 }
 
 }  // TEST_SUITE

@@ -52,8 +52,11 @@ TASKS = {
     "mk-niah": {
         "prefix": "Some special magic numbers are hidden inside a lot of irrelevant text. "
                   "Find them and memorize them. ",
-        "needle": "One of the special magic numbers for {k} is: {v}.",
-        "query": " What is the special magic number for {k}? The special magic number for {k} is: ",
+        # The key sits right before its value ("{k}: {v}"), as the query ends ("{k}: "): the
+        # first version had " is: " in between, and 8 minutes of training stayed at 1-in-4
+        # (it copied some needle's value, not the asked one's).
+        "needle": "One of the special magic numbers is for {k}: {v}.",
+        "query": " What is the special magic number for {k}? The special magic number for {k}: ",
         "value_digits": 7,
         "needles": 4,  # at test time; training draws 2..6
     },

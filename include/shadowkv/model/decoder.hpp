@@ -148,6 +148,23 @@ struct LinearOps<CpuBackend> {
 /// Prefill progress: `(tokens done, tokens in the prompt)`, after each chunk.
 using PrefillProgress = std::function<void(index_t done, index_t total)>;
 
+/// One layer's attention call as `Decoder` makes it, shown to `Decoder::set_observer`: a chunk
+/// of one sequence's prompt (`prefill`, `ids` holds that id) or one decode step of a batch
+/// (`ids[i]` is row i). The views are `[n, H, d]` in the backend's memory (device pointers on
+/// CUDA, written on the decoder's stream: see `Decoder::attention_args`) and valid during the
+/// call only. Queries and keys are before RoPE; `out` is the layer's attention output.
+///
+/// What it is for: measuring a policy's attention against another's on the same inputs, and
+/// handing one prefill's keys and values to other attention states (`SparseAttention::prefill`
+/// with empty queries) so that several policies share one prompt pass.
+struct AttentionEvent {
+  bool prefill = false;
+  std::span<const SeqId> ids;
+  int layer = 0;
+  TensorView<const float, 3> queries, keys, values, out;
+};
+using AttentionObserver = std::function<void(const AttentionEvent&)>;
+
 /// What `Decoder::generate` does.
 struct GenerationOptions {
   int max_new_tokens = 64;     ///< generated tokens at most (the eos, when hit, counts)
@@ -262,6 +279,13 @@ class Decoder {
   const Attention& attention() const { return attn_; }
   Attention& attention() { return attn_; }
 
+  /// Called after every layer's attention in `prefill` and `decode` (empty: none, the default).
+  void set_observer(AttentionObserver observer) { observer_ = std::move(observer); }
+  /// The trailing arguments this decoder passes to its attention calls: `std::tuple<>` on the
+  /// CPU, `std::tuple<cudaStream_t>` (its stream) on CUDA. An observer that calls another
+  /// attention state passes these so that the work is ordered after the decoder's.
+  auto attention_args() const { return ops_.attention_args(); }
+
   void add_sequence(SeqId id) { attn_.add_sequence(id); }
   void remove_sequence(SeqId id) { attn_.remove_sequence(id); }
 
@@ -296,6 +320,7 @@ class Decoder {
       ops_.embed(embed_, prompt.subspan(begin, m), x_);
       run_layers(m, [&](int layer, auto q, auto k, auto v, auto out) {
         std::apply([&](auto... args) { attn_.prefill(id, layer, q, k, v, out, args...); }, ops_.attention_args());
+        if (observer_) observer_(AttentionEvent{true, std::span<const SeqId>(&id, 1), layer, q, k, v, TensorView<const float, 3>(out)});
       });
       if (all_logits) {
         const std::vector<float> logits = lm_head(x_, 0, m);
@@ -319,6 +344,7 @@ class Decoder {
     ops_.embed(embed_, tokens, x_);
     run_layers(b, [&](int layer, auto q, auto k, auto v, auto out) {
       std::apply([&](auto... args) { attn_.decode(layer, ids, q, k, v, out, args...); }, ops_.attention_args());
+      if (observer_) observer_(AttentionEvent{false, ids, layer, q, k, v, TensorView<const float, 3>(out)});
     });
     return lm_head(x_, 0, b);
   }
@@ -443,6 +469,7 @@ class Decoder {
   Ops ops_;  // first: destroyed last (on CUDA it owns the stream every buffer below is freed on)
   ModelConfig cfg_;
   Attention attn_;
+  AttentionObserver observer_;
   Matrix embed_, lm_head_;
   Buffer final_norm_;
   std::vector<Layer> layers_;
