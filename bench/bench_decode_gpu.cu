@@ -280,7 +280,7 @@ void bm_shadowkv_step(benchmark::State& state) {
     basis = skc::DeviceBuffer<D>(static_cast<std::size_t>(batch) * kHkv * rank * kD, stream);
     fill(a.data(), a.size(), 8u);
     fill(basis.data(), basis.size(), 9u);
-    host_values = skc::PinnedBuffer<D>(heads * static_cast<std::size_t>(m) * c * kD);
+    host_values = skc::PinnedBuffer<D>(heads * static_cast<std::size_t>(m) * c * kD, skc::default_host_allocator());
     std::memset(static_cast<void*>(host_values.data()), 0x3c, host_values.size() * sizeof(D));
     std::vector<skc::RebuildKeysSequence<D>> rs(batch);
     std::vector<skc::GatherValuesSequence<D>> gs(batch);
@@ -617,7 +617,7 @@ void bm_prefill_build(benchmark::State& state) {
         seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       } else {
         const auto t0 = std::chrono::steady_clock::now();
-        { skc::PinnedBuffer<D> host(static_cast<std::size_t>(context * kv)); }
+        { skc::PinnedBuffer<D> host(static_cast<std::size_t>(context * kv), skc::default_host_allocator()); }
         seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       }
       state.SetIterationTime(seconds);

@@ -548,7 +548,7 @@ void gather_case(std::mt19937_64& rng, const Stream& stream, int h, int d, int c
     src_offset.push_back(misalign && s >= 1 ? 1 : 0);
     dst_offset.push_back(misalign && s == 1 ? 1 : 0);
     const std::size_t n = static_cast<std::size_t>(h) * num_chunks[s] * chunk_elems;
-    host.emplace_back(src_offset[s] + n);
+    host.emplace_back(src_offset[s] + n, skc::default_host_allocator());
     const std::vector<T> values = skv_test::random_vector<T>(rng, src_offset[s] + n);
     std::copy(values.begin(), values.end(), host.back().data());
     initial.push_back(initial_slots<T>(s, h, capacities[s], chunk_elems, misses, dst_offset[s]));
@@ -657,7 +657,7 @@ TEST_CASE("miss ops: a device miss count and out-of-range misses (skipped, count
   std::vector<std::unique_ptr<DeviceBuffer<T>>> value_slots;
   for (std::size_t s = 0; s < batch.size(); ++s) {
     const index_t m = batch[s].num_chunks(c);
-    host.emplace_back(static_cast<std::size_t>(h) * m * chunk_elems);
+    host.emplace_back(static_cast<std::size_t>(h) * m * chunk_elems, skc::default_host_allocator());
     const auto values = skv_test::random_vector<T>(rng, host.back().size());
     std::copy(values.begin(), values.end(), host.back().data());
     value_slots.push_back(upload(initial_slots<T>(s, h, capacities[s], chunk_elems, valid_misses)));

@@ -3,7 +3,9 @@
 // name, and a valid call that must still work after it) and random pre-RoPE inputs fed to
 // several SparseAttention objects alike.
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <functional>
 #include <random>
@@ -26,6 +28,29 @@ inline shadowkv::Config small_config() {
   cfg.sparse_budget = 16;
   cfg.outlier_chunks = 1;
   cfg.local_chunks = 1;
+  return cfg;
+}
+
+/// A positive count from the environment variable `name`, else `fallback` (operation counts that
+/// the sanitizer runs lower).
+inline int env_count(const char* name, int fallback) {
+  if (const char* env = std::getenv(name)) return std::max(1, std::atoi(env));
+  return fallback;
+}
+
+/// A random small configuration (any group size, chunk size, budget, static set, rank and value
+/// cache), valid for every policy and both backends: the churn tests' draw.
+inline shadowkv::Config random_small_config(std::mt19937_64& rng) {
+  shadowkv::Config cfg;
+  cfg.head_dim = 64;
+  cfg.num_kv_heads = 1 + static_cast<int>(rng() % 2);
+  cfg.num_q_heads = cfg.num_kv_heads * (1 + static_cast<int>(rng() % 3));
+  cfg.chunk_size = 1 + static_cast<int>(rng() % 8);
+  cfg.sparse_budget = cfg.chunk_size * (1 + static_cast<int>(rng() % 6));
+  cfg.outlier_chunks = static_cast<int>(rng() % 3);
+  cfg.local_chunks = static_cast<int>(rng() % 3);
+  cfg.rank = 1 + static_cast<int>(rng() % cfg.kv_dim());
+  cfg.value_cache_chunks = rng() % 2 ? 0 : cfg.budget_chunks() + static_cast<int>(rng() % 4);
   return cfg;
 }
 

@@ -297,6 +297,19 @@ class LowRankKeyStore<CudaBackend, T> {
     a_capacity_ = grown;
   }
 
+  /// A copy of this store (Gram, basis and A; same allocator and handles), made on `stream`.
+  LowRankKeyStore clone(cudaStream_t stream) const {
+    LowRankKeyStore c(num_kv_heads_, head_dim_, rank_, *allocator_);
+    c.handles_ = handles_;
+    c.gram_ = copy_of(gram_, gram_.size(), stream);
+    c.gram_rows_ = gram_rows_;
+    c.basis_ = copy_of(basis_, basis_.size(), stream);
+    c.a_ = copy_of(a_, static_cast<std::size_t>(rows_) * rank_, stream);
+    c.rows_ = rows_;
+    c.a_capacity_ = a_capacity_;
+    return c;
+  }
+
   /// A `[size(), rank]`, row-major, device.
   const T* a_data() const { return reinterpret_cast<const T*>(a_.data()); }
   /// Basis `[H_kv, rank, d]`, device: `basis[h]` maps a row of A to head h's key.
@@ -339,6 +352,15 @@ class LowRankKeyStore<CudaBackend, T> {
     SHADOWKV_CHECK(num_tokens == 0 || keys != nullptr, "keys_pre_rope is null");
     SHADOWKV_CHECK(token_stride >= kv_dim() && token_stride <= 0x7fffffff, "token_stride=", token_stride,
                    " must be in [num_kv_heads*head_dim=", kv_dim(), ", 2^31-1]");
+  }
+  /// A buffer of `src.size()` elements holding the first `n` of `src` (empty when `src` is).
+  template <class E>
+  cuda::DeviceBuffer<E> copy_of(const cuda::DeviceBuffer<E>& src, std::size_t n, cudaStream_t stream) const {
+    if (src.size() == 0) return {};
+    cuda::DeviceBuffer<E> dst(src.size(), stream, *allocator_);
+    if (n > 0)
+      SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), n * sizeof(E), cudaMemcpyDeviceToDevice, stream));
+    return dst;
   }
   cuda::LibraryHandles handles() const { return handles_.blas ? handles_ : cuda::thread_library_handles(); }
   static std::vector<T> download(const T* src, std::size_t n, cudaStream_t stream) {

@@ -205,12 +205,14 @@ class CachingHostAllocator final : public HostAllocator {
 };
 
 /// `n` elements of `T` in pinned host memory that kernels can also read directly
-/// (mapped: zero-copy over PCIe), from a `HostAllocator`. Move-only.
+/// (mapped: zero-copy over PCIe), from a `HostAllocator`. Move-only. The allocator has no
+/// default: every pinned buffer of the library comes from the `host_allocator` its owner was
+/// given (pass `default_host_allocator()` for the plain `cudaHostAlloc` one).
 template <class T>
 class PinnedBuffer {
  public:
   PinnedBuffer() = default;
-  explicit PinnedBuffer(std::size_t n, HostAllocator& allocator = default_host_allocator())
+  PinnedBuffer(std::size_t n, HostAllocator& allocator)
       : size_(n), allocator_(&allocator) {
     if (n == 0) return;
     ptr_ = static_cast<T*>(allocator.allocate(n * sizeof(T)));

@@ -43,8 +43,9 @@ class OffloadedValuePool<CudaBackend, T> {
   /// \param num_chunks chunks per head on the host (>= 0, < 2^31: chunk ids are int32)
   /// \param capacity device slots per head (1 ..= `cuda::kMaxSlotCapacity`)
   /// \param stream where the buffers are allocated and initialised (slots 0, tables empty)
-  /// \param host_allocator where the host values come from   \param zero_host zero them (the
-  ///        owner may skip it when it writes every chunk before the first fetch)
+  /// \param host_allocator where the pinned memory comes from (the host values, and the small
+  ///        staging and read-back buffers)   \param zero_host zero the host values (the owner
+  ///        may skip it when it writes every chunk before the first fetch)
   /// Throws `shadowkv::Error` naming the argument before any CUDA call.
   OffloadedValuePool(int num_kv_heads, int head_dim, int chunk_size, index_t num_chunks, int capacity,
                      cudaStream_t stream, cuda::DeviceAllocator& allocator = cuda::default_allocator(),
@@ -75,7 +76,7 @@ class OffloadedValuePool<CudaBackend, T> {
     misses_ = cuda::DeviceBuffer<cuda::ChunkMiss>(static_cast<std::size_t>(max_fetch()), stream, allocator);
     counters_ = cuda::DeviceBuffer<std::int64_t>(4, stream, allocator);
     counts_ = cuda::DeviceBuffer<int>(2, stream, allocator);
-    readback_ = cuda::PinnedBuffer<std::int64_t>(5);
+    readback_ = cuda::PinnedBuffer<std::int64_t>(5, host_allocator);
 
     fill(slots_.data(), 0, slots_.bytes());
     fill(slot_chunk_.data(), 0xff, slot_chunk_.bytes());  // -1
@@ -87,8 +88,8 @@ class OffloadedValuePool<CudaBackend, T> {
 
     // The per-head views `fetch` launches on: head h as a one-head sequence. Staged in pinned
     // memory that lives as long as the pool, so the copies stay asynchronous.
-    staged_tables_ = cuda::PinnedBuffer<cuda::SlotTableSequence>(heads);
-    staged_values_ = cuda::PinnedBuffer<cuda::GatherValuesSequence<device_type>>(heads);
+    staged_tables_ = cuda::PinnedBuffer<cuda::SlotTableSequence>(heads, host_allocator);
+    staged_values_ = cuda::PinnedBuffer<cuda::GatherValuesSequence<device_type>>(heads, host_allocator);
     const cuda::SlotTableSequence all = descriptor();
     const cuda::GatherValuesSequence<device_type> all_values = value_descriptor();
     for (int h = 0; h < num_kv_heads; ++h) {

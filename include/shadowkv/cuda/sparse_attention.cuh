@@ -86,19 +86,28 @@ class StagingRing {
   StagingRing(const StagingRing&) = delete;
   StagingRing& operator=(const StagingRing&) = delete;
   ~StagingRing() {
+    // The host writes a slot's pinned buffer with memcpy, not in stream order: wait for its last
+    // reader before the buffer goes back to the host allocator (a caching one hands it out at once).
     for (Slot& s : slots_)
-      if (s.done) (void)cudaEventDestroy(s.done);
+      if (s.done) {
+        (void)cudaEventSynchronize(s.done);
+        (void)cudaEventDestroy(s.done);
+      }
   }
 
   /// Copies `blob` to the device on `stream`; returns the device address. Call `release(stream)`
-  /// after the last launch that reads it.
-  std::byte* upload(const DescriptorBlob& blob, cudaStream_t stream, DeviceAllocator& allocator) {
+  /// after the last launch that reads it. A failed allocation leaves the slot as it was.
+  std::byte* upload(const DescriptorBlob& blob, cudaStream_t stream, DeviceAllocator& allocator,
+                    HostAllocator& host_allocator) {
     Slot& s = slots_[next_];
     SHADOWKV_CUDA_CHECK(cudaEventSynchronize(s.done));  // its last reader has finished
     if (s.host.size() < blob.size()) {
+      // Both buffers first, then the swap: the slot's two sizes must stay equal.
       const std::size_t n = std::max<std::size_t>(blob.size(), 2 * s.host.size());
-      s.host = PinnedBuffer<std::byte>(n);
-      s.device = DeviceBuffer<std::byte>(n, stream, allocator);
+      PinnedBuffer<std::byte> host(n, host_allocator);
+      DeviceBuffer<std::byte> device(n, stream, allocator);
+      s.host = std::move(host);
+      s.device = std::move(device);
     }
     if (blob.size() == 0) return s.device.data();
     std::memcpy(s.host.data(), blob.data(), blob.size());
@@ -227,23 +236,21 @@ class SparseAttention<Policy, CudaBackend, T> {
       SHADOWKV_CHECK(config_.budget_chunks() <= cuda::kMaxTopK, "sparse_budget/chunk_size=", config_.budget_chunks(),
                      " exceeds ", cuda::kMaxTopK, " chunks, the largest selection the CUDA kernels make");
     rope_ = make_rope_table(config_.rope, config_.head_dim);
-    SHADOWKV_CUDA_CHECK(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking));
-    SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
-    SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
-    SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&step_done_, cudaEventDisableTiming));
-    counters_host_ = cuda::PinnedBuffer<std::int64_t>(8);
+    counters_host_ = cuda::PinnedBuffer<std::int64_t>(8, host_allocator);
     std::fill_n(counters_host_.data(), 8, 0);
+    try {  // the destructor does not run when a constructor throws
+      SHADOWKV_CUDA_CHECK(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking));
+      SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
+      SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
+      SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&step_done_, cudaEventDisableTiming));
+    } catch (...) {
+      destroy_stream_and_events();
+      throw;
+    }
   }
   SparseAttention(const SparseAttention&) = delete;
   SparseAttention& operator=(const SparseAttention&) = delete;
-  ~SparseAttention() {
-    (void)cudaStreamSynchronize(side_stream_);
-    (void)cudaEventSynchronize(step_done_);
-    (void)cudaEventDestroy(step_done_);
-    (void)cudaEventDestroy(join_);
-    (void)cudaEventDestroy(fork_);
-    (void)cudaStreamDestroy(side_stream_);
-  }
+  ~SparseAttention() { destroy_stream_and_events(); }
 
   const Config& config() const { return config_; }
   int num_layers() const { return num_layers_; }
@@ -288,7 +295,8 @@ class SparseAttention<Policy, CudaBackend, T> {
     for (LayerState& st : s.layers) reserve_staging(st, tokens, stream);
   }
 
-  /// Appends prompt tokens of one layer (device tensors).
+  /// Appends prompt tokens of one layer (device tensors). After a failed allocation the sequence
+  /// is as it was.
   /// \param keys_pre_rope `[n, H_kv, d]`   \param values `[n, H_kv, d]`
   /// \param queries `[n, H_q, d]` pre-RoPE, or empty: then no attention is computed
   /// \param out `[n, H_q, d]`: causal attention of `queries` over the prompt so far (a plain
@@ -326,18 +334,23 @@ class SparseAttention<Policy, CudaBackend, T> {
     rp.first_position = start;
     rp.rope = row_rope();
     cuda::detail::launch_rope_rows(rp, stream);
-    if constexpr (kLowRank) {
+    if constexpr (kLowRank)
       SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(st.staged_k_pre.data() + start * row, keys_pre_rope.data,
                                           n * row * sizeof(T), cudaMemcpyDeviceToDevice, stream));
+    // So far only rows past `length` were written: a failure (an allocation) up to the Gram
+    // update below leaves the sequence as it was, and the call can be retried.
+    if (!queries.empty()) prefill_attention(st, start, queries, out, stream);
+    if constexpr (kLowRank) {
       if (!st.keys) st.keys.emplace(config_.num_kv_heads, config_.head_dim, config_.rank, *allocator_);
       st.keys->accumulate(keys_pre_rope.data, n, static_cast<long long>(row), stream);
     }
     st.length = start + n;
-    if (!queries.empty()) prefill_attention(st, start, queries, out, stream);
   }
 
   /// Ends the prompt of `id` (same contract as the CPU backend) and builds each layer's state on
-  /// `stream`. Waits for the eigensolver of each layer (ShadowKV).
+  /// `stream`. Waits for the eigensolver of each layer (ShadowKV). On an error the sequence is
+  /// as it was (the call can be retried); while it runs, each layer's key Gram matrix is held
+  /// twice (`4·(H_kv·d)²` bytes more per layer, ShadowKV).
   void finish_prefill(SeqId id, cudaStream_t stream) {
     Sequence& s = find(id)->second;
     SHADOWKV_CHECK(!s.prefilled, "sequence id=", id, " is already prefilled");
@@ -369,10 +382,13 @@ class SparseAttention<Policy, CudaBackend, T> {
       Join join{side_stream_, stream, join_};
       for (int l = 0; l < num_layers_; ++l) build_layer(s.layers[l], built[l], stream);
       if constexpr (kLowRank) {
-        // Every layer's eigensolve in batched cuSOLVER calls, while the values are offloaded.
+        // Every layer's eigensolve in batched cuSOLVER calls, while the values are offloaded;
+        // on copies of the Gram matrices, so that the staged prompt stays as it was until every
+        // layer is built and a failed call can be retried.
         using Store = LowRankKeyStore<CudaBackend, T>;
         std::vector<Store*> stores;
-        for (LayerState& st : s.layers) stores.push_back(&*st.keys);
+        for (int l = 0; l < num_layers_; ++l)
+          stores.push_back(&built[l].keys.emplace(s.layers[l].keys->clone(stream)));
         Store::finalize_bases(stores, stream);
         for (int l = 0; l < num_layers_; ++l) build_layer_keys(s.layers[l], built[l], stream);
       }
@@ -385,6 +401,8 @@ class SparseAttention<Policy, CudaBackend, T> {
   /// One decode step of `layer` for the sequences `ids` (distinct, prefilled, any lengths), all
   /// tensors on the device. \param queries `[B, H_q, d]` pre-RoPE   \param keys_pre_rope
   /// `[B, H_kv, d]`   \param values `[B, H_kv, d]`   \param out `[B, H_q, d]`
+  /// Every allocation comes before the first launch: after a failed one no sequence of the
+  /// batch has advanced.
   void decode(int layer, std::span<const SeqId> ids, TensorView<const T, 3> queries,
               TensorView<const T, 3> keys_pre_rope, TensorView<const T, 3> values, TensorView<T, 3> out,
               cudaStream_t stream) {
@@ -541,6 +559,15 @@ class SparseAttention<Policy, CudaBackend, T> {
   }
   std::size_t kv_row() const { return static_cast<std::size_t>(config_.kv_dim()); }
 
+  /// Waits for the side stream and the last step, then destroys what the constructor created.
+  void destroy_stream_and_events() noexcept {
+    if (side_stream_) (void)cudaStreamSynchronize(side_stream_);
+    if (step_done_) (void)cudaEventSynchronize(step_done_);
+    for (cudaEvent_t e : {step_done_, join_, fork_})
+      if (e) (void)cudaEventDestroy(e);
+    if (side_stream_) (void)cudaStreamDestroy(side_stream_);
+  }
+
   void upload_rope(cudaStream_t stream) {
     if (rope_device_.size() != 0 || rope_.inv_freq.empty()) return;
     rope_device_ = cuda::DeviceBuffer<float>(rope_.inv_freq.size(), stream, *allocator_);
@@ -583,7 +610,11 @@ class SparseAttention<Policy, CudaBackend, T> {
     const index_t block = std::min<index_t>(kPrefillQueryBlock, 65535 / hkv);
     for (index_t t0 = 0; t0 < n; t0 += block) {
       const index_t nq = std::min(block, n - t0);
+      // Every allocation before the first launch that reads the descriptors.
       float* q = q_float_.get(static_cast<std::size_t>(nq) * hq * d, stream, *allocator_);
+      const long long max_rows = start + t0 + nq;
+      const auto plan = cuda::plan_decode_attention(static_cast<int>(nq), hq, hkv, d, max_rows);
+      void* ws = workspace_.get(plan.workspace_bytes, stream, *allocator_);
       cuda::RopeRowsParams<D, float> rp;
       rp.src = cuda::as_device(queries.data) + t0 * hq * d;
       rp.src_stride = static_cast<long long>(hq) * d;
@@ -607,10 +638,7 @@ class SparseAttention<Policy, CudaBackend, T> {
           sg.gen_rows = static_cast<int>(start + t0 + t + 1);
           sg.gen_stride = static_cast<long long>(kv_row());
         }
-      std::byte* dev = ring_.upload(blob_, stream, *allocator_);
-      const long long max_rows = start + t0 + nq;
-      const auto plan = cuda::plan_decode_attention(static_cast<int>(nq), hq, hkv, d, max_rows);
-      void* ws = workspace_.get(plan.workspace_bytes, stream, *allocator_);
+      std::byte* dev = ring_.upload(blob_, stream, *allocator_, *host_allocator_);
       cuda::decode_attention<D>(q, reinterpret_cast<const cuda::KVSegments<D>*>(dev + seg_off),
                                 cuda::as_device(out.data) + t0 * hq * d, static_cast<int>(nq), hq, hkv, d,
                                 config_.scale(), max_rows, plan, ws, plan.workspace_bytes, stream);
@@ -681,10 +709,9 @@ class SparseAttention<Policy, CudaBackend, T> {
     }
   }
 
-  /// The keys of a built layer (ShadowKV), once `finalize_bases` has made the basis: A for the
+  /// The keys of a built layer (ShadowKV), once `finalize_bases` has made its basis: A for the
   /// indexed prompt rows.
-  void build_layer_keys(LayerState& staged, LayerState& st, cudaStream_t stream) {
-    st.keys.emplace(std::move(*staged.keys));
+  void build_layer_keys(const LayerState& staged, LayerState& st, cudaStream_t stream) {
     st.keys->append(reinterpret_cast<const T*>(staged.staged_k_pre.data()), st.local_begin,
                     static_cast<long long>(kv_row()), stream);
   }
@@ -763,7 +790,7 @@ class SparseAttention<Policy, CudaBackend, T> {
     auto* vrows = blob_.host<D*>(vrow_off);
     auto* segs = blob_.host<cuda::KVSegments<D>>(seg_off);
     for (int bi = 0; bi < nb; ++bi) {
-      LayerState& st = *batch[bi];
+      const LayerState& st = *batch[bi];
       positions[bi] = st.length;
       krows[bi] = st.gen_k.data() + st.gen_rows * kv_row();
       vrows[bi] = st.gen_v.data() + st.gen_rows * kv_row();
@@ -832,7 +859,6 @@ class SparseAttention<Policy, CudaBackend, T> {
           blob_.host<const D*>(lm_off)[bi] = cuda::as_device(st.index->landmarks_data());
         }
         score_at += static_cast<long long>(hkv) * m;
-        st.has_selection = true;
       }
       if constexpr (kLowRank) {
         blob_.host<cuda::SlotTableSequence>(table_off)[bi] = st.values->descriptor();
@@ -850,11 +876,33 @@ class SparseAttention<Policy, CudaBackend, T> {
         gv.num_chunks = m;
         gv.capacity = st.values->capacity();
       }
-      st.length += 1;
-      st.gen_rows += 1;
     }
-    std::byte* dev = ring_.upload(blob_, stream, *allocator_);
+    // The rest of the scratch, then the descriptors: the step's last allocations. Up to here
+    // nothing of the batch has changed (rows past `gen_rows` aside), so a failed allocation
+    // leaves every sequence as it was.
+    void* score_ws = nullptr;
+    std::size_t score_ws_bytes = 0;
+    if constexpr (kSparse && !kOracle)
+      if (k > 0) {
+        score_ws_bytes = cuda::landmark_score_workspace_bytes(nb, hq, hkv, max_m, score_total);
+        score_ws = workspace_.get(score_ws_bytes, stream, *allocator_);
+      }
+    cuda::ChunkMiss* misses = nullptr;
+    std::int64_t* counters = nullptr;  // step[4], total[4], miss count
+    if constexpr (kLowRank)
+      if (k > 0) {
+        misses = misses_.get(sel_elems, stream, *allocator_);
+        counters = counters_.get(9, stream, *allocator_);
+      }
+    const auto plan = cuda::plan_decode_attention(nb, hq, hkv, d, max_rows);
+    void* attn_ws = attn_workspace_.get(plan.workspace_bytes, stream, *allocator_);
+    std::byte* dev = ring_.upload(blob_, stream, *allocator_, *host_allocator_);
     auto dev_ptr = [&](std::size_t off) { return dev + off; };
+    for (LayerState* st : batch) {
+      st->length += 1;
+      st->gen_rows += 1;
+      if constexpr (kSparse) st->has_selection = true;
+    }
 
     // RoPE: queries to float; the new key (rotated) and value appended to the generated rows.
     {
@@ -914,8 +962,8 @@ class SparseAttention<Policy, CudaBackend, T> {
           sp.head_dim = d;
           sp.max_landmarks = max_m;
           sp.scale = config_.scale();
-          sp.workspace_bytes = cuda::landmark_score_workspace_bytes(nb, hq, hkv, max_m, score_total);
-          sp.workspace = workspace_.get(sp.workspace_bytes, stream, *allocator_);
+          sp.workspace_bytes = score_ws_bytes;
+          sp.workspace = score_ws;
           cuda::score_landmarks(sp, stream, *allocator_);
         }
         cuda::TopKParams tp;
@@ -952,8 +1000,6 @@ class SparseAttention<Policy, CudaBackend, T> {
     if constexpr (kLowRank) {
       if (k > 0) {
         const std::size_t max_misses = sel_elems;
-        cuda::ChunkMiss* misses = misses_.get(max_misses, stream, *allocator_);
-        std::int64_t* counters = counters_.get(9, stream, *allocator_);  // step[4], total[4], miss count
         if (reset_device_totals_ || !counters_ready_) {
           SHADOWKV_CUDA_CHECK(cudaMemsetAsync(counters, 0, 9 * sizeof(std::int64_t), stream));
           reset_device_totals_ = false;
@@ -1009,10 +1055,8 @@ class SparseAttention<Policy, CudaBackend, T> {
       }
     }
 
-    const auto plan = cuda::plan_decode_attention(nb, hq, hkv, d, max_rows);
-    void* ws = attn_workspace_.get(plan.workspace_bytes, stream, *allocator_);
     cuda::decode_attention<D>(q, reinterpret_cast<const cuda::KVSegments<D>*>(dev_ptr(seg_off)),
-                              cuda::as_device(out.data), nb, hq, hkv, d, config_.scale(), max_rows, plan, ws,
+                              cuda::as_device(out.data), nb, hq, hkv, d, config_.scale(), max_rows, plan, attn_ws,
                               plan.workspace_bytes, stream);
     ring_.release(stream);
     SHADOWKV_CUDA_CHECK(cudaEventRecord(step_done_, stream));
