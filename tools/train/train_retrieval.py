@@ -62,6 +62,7 @@ TASKS = {
     },
 }
 MIN_WORDS, MAX_WORDS = 6, 14  # words per filler sentence
+MULTI_QUERY_FROM = 11177  # step from which mk-niah prompts may ask several keys (run 3 on)
 
 
 class Tasks:
@@ -82,8 +83,12 @@ class Tasks:
     def key(self, rng):
         return rng.choice(self.words) + "-" + rng.choice(self.words)
 
-    def sample(self, rng, task, length, needles=None):
-        """Returns (prompt ids, answer ids) with len(prompt ids) == length."""
+    def sample(self, rng, task, length, needles=None, queries=1):
+        """Returns (prompt ids, answer ids, inner) with len(prompt ids) == length.
+
+        With queries > 1 (training only: more answers per prompt, so more signal per step) the
+        prompt holds queries - 1 questions already answered (digits + eos) before the last one;
+        `inner` lists the prompt positions of those answer tokens. Otherwise `inner` is empty."""
         spec = TASKS[task]
         count = needles if needles is not None else spec["needles"]
         keys = []
@@ -93,9 +98,11 @@ class Tasks:
                 keys.append(k)
         values = [self.value(rng, spec["value_digits"]) for _ in keys]
         texts = [spec["needle"].format(k=k, v=v) for k, v in zip(keys, values)]
-        asked = rng.randrange(count)
-        query = spec["query"].format(k=keys[asked])
-        fixed = 1 + len(spec["prefix"]) + len(query) + sum(len(t) + 1 for t in texts)
+        asked = rng.sample(range(count), queries) if queries > 1 else [rng.randrange(count)]
+        answered = [spec["query"].format(k=keys[a]) for a in asked[:-1]]
+        query = spec["query"].format(k=keys[asked[-1]])
+        fixed = (1 + len(spec["prefix"]) + len(query) + sum(len(t) + 1 for t in texts) +
+                 sum(len(q) + len(values[a]) + 1 for q, a in zip(answered, asked)))
         room = length - fixed
         if room < 16:
             raise ValueError(f"length {length} is too short for task {task} ({fixed} tokens of text)")
@@ -117,11 +124,16 @@ class Tasks:
                 parts.append(texts[order[j]])
                 j += 1
             parts.append(s)
-        text = spec["prefix"] + " ".join(parts) + query
-        prompt = [BOS] + list(text.encode("ascii"))
+        prompt = [BOS] + list((spec["prefix"] + " ".join(parts)).encode("ascii"))
+        inner = []
+        for q, a in zip(answered, asked):
+            prompt += list(q.encode("ascii"))
+            inner += range(len(prompt), len(prompt) + len(values[a]) + 1)
+            prompt += list(values[a].encode("ascii")) + [EOS]
+        prompt += list(query.encode("ascii"))
         assert len(prompt) == length, (len(prompt), length)
-        answer = list(values[asked].encode("ascii")) + [EOS]
-        return prompt, answer
+        answer = list(values[asked[-1]].encode("ascii")) + [EOS]
+        return prompt, answer, inner
 
 
 # ----------------------------------------------------------------------------------------- model
@@ -255,17 +267,30 @@ def make_batch(tasks, step, seed, total_steps, max_len, tokens_per_step):
     rows, masks = [], []
     for _ in range(batch):
         task = "passkey" if rng.random() < 0.35 else "mk-niah"
-        needles = 1 if task == "passkey" else rng.randint(2, min(6, 2 + length // 1024))
-        prompt, answer = tasks.sample(rng, task, length, needles)
+        if task == "passkey":
+            needles, queries = 1, 1
+        elif step >= MULTI_QUERY_FROM and rng.random() < 0.8:
+            # Many needles, several of them asked in turn (run 3 on): with one question per
+            # prompt the key-matching signal was too sparse to leave the 1-in-N plateau.
+            needles = rng.randint(2, max(2, min(16, length // 150)))
+            queries = rng.randint(2, max(2, min(needles, length // 250)))
+        else:
+            needles, queries = rng.randint(2, min(6, 2 + length // 1024)), 1
+        try:
+            prompt, answer, inner = tasks.sample(rng, task, length, needles, queries)
+        except ValueError:  # too many questions for a short prompt
+            prompt, answer, inner = tasks.sample(rng, task, length, 2, 1)
         rows.append(prompt + answer)
-        masks.append(len(prompt))
+        masks.append((len(prompt), inner))
     width = max(len(r) for r in rows)
     ids = torch.full((batch, width), EOS, dtype=torch.long)
     ans = torch.zeros((batch, width - 1), dtype=torch.bool)
     valid = torch.zeros((batch, width - 1), dtype=torch.bool)
-    for i, (r, p) in enumerate(zip(rows, masks)):
+    for i, (r, (p, inner)) in enumerate(zip(rows, masks)):
         ids[i, : len(r)] = torch.tensor(r)
         ans[i, p - 1 : len(r) - 1] = True  # targets r[p..]: the answer
+        for j in inner:
+            ans[i, j - 1] = True
         valid[i, : len(r) - 1] = True
     return ids, ans, valid, length
 
@@ -300,7 +325,7 @@ def evaluate(model, tasks, device, lengths, n, seed, dtype):
             done = 0
             while done < n:
                 m = min(per, n - done)
-                rows = [tasks.sample(rng, task, length) for _ in range(m)]
+                rows = [tasks.sample(rng, task, length)[:2] for _ in range(m)]
                 ids = torch.tensor([p + a for p, a in rows], device=device)
                 with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
                     logits = model(ids[:, :-1])
@@ -453,7 +478,7 @@ def main():
             last_save = time.time()
     save()
     print(f"trained to step {step} of {a.total_steps} in {time.time() - t0:.0f} s", flush=True)
-    lengths = [l for l in (2048, 4096, 8192, 16384) if l <= a.max_len] or [a.max_len]
+    lengths = [a.max_len] if a.smoke else [2048, 4096, 8192, 16384]
     # The exported weights are BF16: evaluate those, as the C++ decoder will see them.
     with torch.no_grad():
         for p in model.parameters():
