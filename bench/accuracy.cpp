@@ -10,8 +10,10 @@
 #include <ctime>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <map>
 #include <sstream>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -43,7 +45,7 @@ struct CpuIo {
 /// Defined in accuracy_cuda.cu: the run on the GPU (`device_name` filled in), and the number
 /// of CUDA devices (0 with `why` when there are none).
 void run_cuda(const Options& o, const ModelConfig& cfg, const WeightStore& store, const RetrievalTasks& tasks,
-              nlohmann::json& result, std::string& device_name);
+              nlohmann::json& result, std::string& device_name, const std::function<void()>& checkpoint);
 int cuda_devices(std::string& why);
 #endif
 
@@ -211,29 +213,33 @@ int main(int argc, char** argv) {
     nlohmann::json result = {{"command", o.command}, {"date", utc_now()},     {"model", o.model},
                              {"seed", o.seed},       {"cases", o.cases},       {"rows", nlohmann::json::array()}};
     const auto t0 = std::chrono::steady_clock::now();
+    // Writes what is measured so far (`complete` false until the end).
+    const auto write_json = [&](bool complete) {
+      if (o.json_out.empty()) return;
+      result["device"] = o.device_name;
+      result["seconds"] = seconds_since(t0);
+      result["complete"] = complete;
+      std::ofstream out(o.json_out);
+      out << result.dump(1) << "\n";
+      if (!out.good()) throw std::runtime_error("--json: cannot write '" + o.json_out + "'");
+    };
+    const std::function<void()> checkpoint = [&] { write_json(false); };
 #if SHADOWKV_ACCURACY_CUDA
     if (o.device == "cuda") {
-      run_cuda(o, cfg, store, tasks, result, o.device_name);
+      run_cuda(o, cfg, store, tasks, result, o.device_name, checkpoint);
     } else
 #endif
     {
       o.device_name = "cpu (" + std::to_string(std::thread::hardware_concurrency()) + " hardware threads)";
       CpuIo io;
-      run<CpuBackend>(o, cfg, store, tasks, io, result);
+      run<CpuBackend>(o, cfg, store, tasks, io, result, checkpoint);
     }
     result["device"] = o.device_name;
     result["seconds"] = seconds_since(t0);
     print_tables(result);
     std::printf("\n%.0f s on %s\n", result["seconds"].get<double>(), o.device_name.c_str());
-    if (!o.json_out.empty()) {
-      std::ofstream out(o.json_out);
-      out << result.dump(1) << "\n";
-      if (!out.good()) {
-        std::fprintf(stderr, "error: --json: cannot write '%s'\n", o.json_out.c_str());
-        return 1;
-      }
-      std::printf("wrote %s\n", o.json_out.c_str());
-    }
+    write_json(true);
+    if (!o.json_out.empty()) std::printf("wrote %s\n", o.json_out.c_str());
     return 0;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());

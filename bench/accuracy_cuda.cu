@@ -4,6 +4,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <functional>
+#include <memory>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -11,7 +13,6 @@
 #include <nlohmann/json.hpp>
 
 #include <shadowkv/cuda/error.cuh>
-#include <shadowkv/cuda/memory.cuh>
 #include <shadowkv/model/decoder_cuda.cuh>
 
 #include "accuracy_run.hpp"
@@ -21,7 +22,13 @@ namespace shadowkv_bench::accuracy {
 namespace {
 
 struct CudaIo {
-  shadowkv::cuda::DeviceBuffer<float> scratch_;
+  // Plain cudaMalloc/cudaFree: the buffer outlives the decoders and their streams (freeing a
+  // stream-ordered allocation on a destroyed stream crashed the first GPU run at exit).
+  struct Free {
+    void operator()(float* p) const { (void)cudaFree(p); }
+  };
+  std::unique_ptr<float, Free> scratch_;
+  std::size_t scratch_size_ = 0;
   std::vector<float> host(TensorView<const float, 3> v, const std::tuple<cudaStream_t>& a) {
     std::vector<float> out(static_cast<std::size_t>(v.numel()));
     SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(out.data(), v.data, out.size() * sizeof(float), cudaMemcpyDeviceToHost,
@@ -31,8 +38,15 @@ struct CudaIo {
   }
   TensorView<float, 3> scratch(index_t n, index_t h, index_t d, const std::tuple<cudaStream_t>& a) {
     const std::size_t size = static_cast<std::size_t>(n * h * d);
-    if (scratch_.size() < size) scratch_ = shadowkv::cuda::DeviceBuffer<float>(size, std::get<0>(a));
-    return TensorView<float, 3>(scratch_.data(), {n, h, d});
+    if (scratch_size_ < size) {
+      SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(std::get<0>(a)));  // the old buffer's readers are done
+      scratch_.reset();
+      float* p = nullptr;
+      SHADOWKV_CUDA_CHECK(cudaMalloc(&p, size * sizeof(float)));
+      scratch_.reset(p);
+      scratch_size_ = size;
+    }
+    return TensorView<float, 3>(scratch_.get(), {n, h, d});
   }
   void sync(const std::tuple<cudaStream_t>& a) { SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(std::get<0>(a))); }
 };
@@ -40,14 +54,14 @@ struct CudaIo {
 }  // namespace
 
 void run_cuda(const Options& o, const ModelConfig& cfg, const WeightStore& store, const RetrievalTasks& tasks,
-              nlohmann::json& result, std::string& device_name) {
+              nlohmann::json& result, std::string& device_name, const std::function<void()>& checkpoint) {
   int dev = 0;
   SHADOWKV_CUDA_CHECK(cudaGetDevice(&dev));
   cudaDeviceProp prop{};
   SHADOWKV_CUDA_CHECK(cudaGetDeviceProperties(&prop, dev));
   device_name = prop.name;
   CudaIo io;
-  run<CudaBackend>(o, cfg, store, tasks, io, result);
+  run<CudaBackend>(o, cfg, store, tasks, io, result, checkpoint);
 }
 
 int cuda_devices(std::string& why) {

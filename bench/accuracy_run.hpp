@@ -199,9 +199,11 @@ inline double seconds_since(std::chrono::steady_clock::time_point t0) {
 /// `Io` is the backend's glue: `std::vector<float> host(TensorView<const float, 3>, const Args&)`
 /// (waits), `TensorView<float, 3> scratch(n, heads, d, const Args&)` (device memory ordered on
 /// the stream of Args) and `void sync(const Args&)`.
-template <Backend B, class Io>
+/// `checkpoint()` is called after each (length, task) and after the attention figures (the
+/// command line writes the JSON there, so that a run stopped early keeps what it measured).
+template <Backend B, class Io, class Checkpoint>
 void run(const Options& o, const ModelConfig& cfg, const WeightStore& store, const RetrievalTasks& tasks, Io& io,
-         nlohmann::json& result) {
+         nlohmann::json& result, Checkpoint&& checkpoint) {
   using Args = ArgsOf<B>;
   const auto t_start = std::chrono::steady_clock::now();
   Config dense_knobs = cfg.attention_config();
@@ -254,6 +256,7 @@ void run(const Options& o, const ModelConfig& cfg, const WeightStore& store, con
                                   {"accuracy", static_cast<double>(correct[s]) / o.cases},
                                   {"n", o.cases},
                                   {"group", specs[s].group}});
+      checkpoint();
     }
   }
 
@@ -346,6 +349,7 @@ void run(const Options& o, const ModelConfig& cfg, const WeightStore& store, con
       }
       result["attention"].push_back(row);
     }
+  checkpoint();
 }
 
 }  // namespace shadowkv_bench::accuracy

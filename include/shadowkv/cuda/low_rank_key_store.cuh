@@ -146,7 +146,14 @@ class LowRankKeyStore<CudaBackend, T> {
     if (num_tokens == 0) return;
     const int dim = kv_dim();
     const float beta = gram_.size() == 0 ? 0.0f : 1.0f;
-    if (gram_.size() == 0) gram_ = cuda::DeviceBuffer<float>(static_cast<std::size_t>(dim) * dim, stream, *allocator_);
+    if (gram_.size() == 0) {
+      gram_ = cuda::DeviceBuffer<float>(static_cast<std::size_t>(dim) * dim, stream, *allocator_);
+      // The GEMM below (beta = 0) writes every element, but compute-sanitizer initcheck did not
+      // see the writes of the bf16 GEMM on the H200 (likely tensor-memory-accelerator stores) and
+      // flagged the Gram's copy in finish_prefill as uninitialized: zero it first (dim² floats,
+      // once per sequence and layer), so that initcheck runs clean and the copy is well defined.
+      SHADOWKV_CUDA_CHECK(cudaMemsetAsync(gram_.data(), 0, gram_.size() * sizeof(float), stream));
+    }
     const float alpha = 1.0f;
     cublasHandle_t blas = handles().blas;
     SHADOWKV_CUBLAS_CHECK(cublasSetStream(blas, stream));
