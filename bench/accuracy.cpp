@@ -187,11 +187,14 @@ int main(int argc, char** argv) {
                        static_cast<long long>(l), t.c_str(), static_cast<long long>(tasks.fixed_tokens(t) + 16));
           return 2;
         }
-    if (o.rank > cfg.num_kv_heads * cfg.head_dim) {
-      std::fprintf(stderr, "error: --rank: %d exceeds num_kv_heads*head_dim=%d\n", o.rank,
-                   cfg.num_kv_heads * cfg.head_dim);
-      return 2;
-    }
+    std::vector<int> ranks = o.rank_sweep;
+    ranks.push_back(o.rank);
+    for (const int r : ranks)
+      if (r > cfg.num_kv_heads * cfg.head_dim) {
+        std::fprintf(stderr, "error: %s: %d exceeds num_kv_heads*head_dim=%d of this model\n",
+                     r == o.rank ? "--rank" : "--rank-sweep", r, cfg.num_kv_heads * cfg.head_dim);
+        return 2;
+      }
     std::string why;
 #if SHADOWKV_ACCURACY_CUDA
     const int gpus = cuda_devices(why);

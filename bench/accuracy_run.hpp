@@ -89,8 +89,7 @@ inline std::vector<Spec> specs_for(const Options& o, const ModelConfig& cfg, std
   }
   if (length == o.sweep_length) {
     const int b = budget_tokens(o.sweep_budget, length, o.chunk_size);
-    for (int r : o.rank_sweep)
-      if (r <= cfg.num_kv_heads * cfg.head_dim) add({"shadowkv", b, r, true, "rank-sweep"});
+    for (int r : o.rank_sweep) add({"shadowkv", b, r, true, "rank-sweep"});  // <= H_kv*d: checked by the caller
     add({"shadowkv", b, rank, false, "outliers"});
     add({"oracle", b, 0, false, "outliers"});
   }
