@@ -64,16 +64,6 @@ void run_cuda(const Options& o, const ModelConfig& cfg, const WeightStore& store
   run<CudaBackend>(o, cfg, store, tasks, io, result, checkpoint);
 }
 
-int cuda_devices(std::string& why) {
-  int count = 0;
-  const cudaError_t status = cudaGetDeviceCount(&count);
-  if (status != cudaSuccess) {
-    (void)cudaGetLastError();
-    why = std::string("cudaGetDeviceCount: ") + cudaGetErrorName(status) + ": " + cudaGetErrorString(status);
-    return 0;
-  }
-  if (count == 0) why = "cudaGetDeviceCount reported 0 devices";
-  return count;
-}
+int cuda_devices(std::string& why) { return shadowkv::cuda::visible_devices(why); }
 
 }  // namespace shadowkv_bench::accuracy

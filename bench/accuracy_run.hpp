@@ -168,6 +168,27 @@ std::unique_ptr<Runner<B>> make_runner(const Spec& s, const Options& o, const Mo
   return std::make_unique<RunnerOf<DensePolicy, B>>(s, cfg, store, k);
 }
 
+template <Backend B>
+using Runners = std::vector<std::unique_ptr<Runner<B>>>;
+
+/// Adds `id` everywhere and runs `prompt` once through `lead`, whose observer hands the keys and
+/// values to `runners`; each runner then builds its state. \return the last prompt logits
+template <Backend B>
+std::vector<float> prefill_all(Decoder<DensePolicy, B>& lead, Runners<B>& runners, SeqId id,
+                               const std::vector<token_id>& prompt, index_t chunk) {
+  lead.add_sequence(id);
+  for (auto& r : runners) r->add(id);
+  std::vector<float> last = lead.prefill(id, prompt, chunk);
+  for (auto& r : runners) r->finish(id, lead.attention_args());
+  return last;
+}
+
+template <Backend B>
+void remove_all(Decoder<DensePolicy, B>& lead, Runners<B>& runners, SeqId id) {
+  lead.remove_sequence(id);
+  for (auto& r : runners) r->remove(id);
+}
+
 inline token_id argmax(const std::vector<float>& logits) {
   return static_cast<token_id>(std::max_element(logits.begin(), logits.end()) - logits.begin());
 }
@@ -212,7 +233,7 @@ void run(const Options& o, const ModelConfig& cfg, const WeightStore& store, con
   for (const std::int64_t length : o.lengths) {
     const std::vector<Spec> specs = specs_for(o, cfg, length);
     Decoder<DensePolicy, B> lead(cfg, store, dense_knobs);
-    std::vector<std::unique_ptr<Runner<B>>> runners;
+    Runners<B> runners;
     for (std::size_t i = 1; i < specs.size(); ++i) runners.push_back(make_runner<B>(specs[i], o, cfg, store));
     lead.set_observer([&](const AttentionEvent& e) {
       if (e.prefill)
@@ -223,11 +244,8 @@ void run(const Options& o, const ModelConfig& cfg, const WeightStore& store, con
       const auto t0 = std::chrono::steady_clock::now();
       for (int i = 0; i < o.cases; ++i) {
         const RetrievalCase c = tasks.make(task, length, case_seed(o.seed, task, length, i));
-        lead.add_sequence(id);
-        for (auto& r : runners) r->add(id);
-        const std::vector<float> last = lead.prefill(id, c.prompt, o.prefill_chunk);
-        for (auto& r : runners) r->finish(id, lead.attention_args());
-        io.sync(lead.attention_args());
+        const std::vector<float> last = prefill_all(lead, runners, id, c.prompt, o.prefill_chunk);
+        io.sync(lead.attention_args());  // the runners decode on their own streams
         const token_id first = argmax(last);
         const SeqId ids[1] = {id};
         correct[0] += greedy_matches(first, c.answer, [&](token_id t) {
@@ -236,8 +254,7 @@ void run(const Options& o, const ModelConfig& cfg, const WeightStore& store, con
         });
         for (std::size_t r = 0; r < runners.size(); ++r)
           correct[r + 1] += greedy_matches(first, c.answer, [&](token_id t) { return runners[r]->decode(id, t); });
-        lead.remove_sequence(id);
-        for (auto& r : runners) r->remove(id);
+        remove_all(lead, runners, id);
         if ((i + 1) % 10 == 0 || i + 1 == o.cases) {
           std::fprintf(stderr, "\r%-8s %6lld tokens: %3d/%d cases, dense %5.1f%%, %.1f s (%.0f s in all)", task.c_str(),
                        static_cast<long long>(length), i + 1, o.cases, 100.0 * correct[0] / (i + 1), seconds_since(t0),
@@ -270,7 +287,7 @@ void run(const Options& o, const ModelConfig& cfg, const WeightStore& store, con
     specs.push_back({"oracle", budget_tokens(b, length, o.chunk_size), 0, true, "attention"});
   }
   Decoder<DensePolicy, B> lead(cfg, store, dense_knobs);
-  std::vector<std::unique_ptr<Runner<B>>> runners;
+  Runners<B> runners;
   for (const Spec& s : specs) runners.push_back(make_runner<B>(s, o, cfg, store));
   const int layers = cfg.num_layers, hkv = cfg.num_kv_heads;
   struct Acc {
@@ -316,17 +333,13 @@ void run(const Options& o, const ModelConfig& cfg, const WeightStore& store, con
   for (const std::string& task : o.tasks)
     for (int i = 0; i < o.attention_cases; ++i) {
       const RetrievalCase c = tasks.make(task, length, case_seed(o.seed ^ 0xA77E, task, length, i));
-      lead.add_sequence(id);
-      for (auto& r : runners) r->add(id);
-      lead.prefill(id, c.prompt, o.prefill_chunk);
-      for (auto& r : runners) r->finish(id, lead.attention_args());
+      prefill_all(lead, runners, id, c.prompt, o.prefill_chunk);
       const SeqId ids[1] = {id};
       for (std::size_t j = 0; j + 1 < c.answer.size(); ++j) {
         const token_id t[1] = {c.answer[j]};
         lead.decode(ids, t);
       }
-      lead.remove_sequence(id);
-      for (auto& r : runners) r->remove(id);
+      remove_all(lead, runners, id);
       ++done;
       std::fprintf(stderr, "\rattention figures %6lld tokens: %d/%zu cases, %.1f s", static_cast<long long>(length), done,
                    o.tasks.size() * static_cast<std::size_t>(o.attention_cases), seconds_since(t0));

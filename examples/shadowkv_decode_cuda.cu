@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include <shadowkv/cuda/error.cuh>
 #include <shadowkv/model/decoder_cuda.cuh>
 
 #include "decode_run.hpp"
@@ -19,16 +20,6 @@ int run_cuda(const Options& o, const fs::path& dir, const ModelConfig& cfg, cons
   return run_policy<CudaBackend>(o, dir, cfg, store, tok, prompt);
 }
 
-int cuda_device_count(std::string& why) {
-  int count = 0;
-  const cudaError_t status = cudaGetDeviceCount(&count);
-  if (status != cudaSuccess) {
-    (void)cudaGetLastError();
-    why = std::string("cudaGetDeviceCount: ") + cudaGetErrorName(status) + ": " + cudaGetErrorString(status);
-    return 0;
-  }
-  if (count == 0) why = "cudaGetDeviceCount reported 0 devices";
-  return count;
-}
+int cuda_device_count(std::string& why) { return shadowkv::cuda::visible_devices(why); }
 
 }  // namespace shadowkv_examples::decode

@@ -12,6 +12,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <string>
+
 #include "../core/error.hpp"
 
 namespace shadowkv::detail {
@@ -47,3 +49,21 @@ inline void cuda_check(cudaError_t status, const char* call, const char* functio
 #else
 #define SHADOWKV_CUDA_CHECK_LAUNCH() SHADOWKV_CUDA_CHECK(cudaGetLastError())
 #endif
+
+namespace shadowkv::cuda {
+
+/// CUDA devices this process sees, without throwing: 0 when there are none or the runtime
+/// fails, and then `why` says what it reported (for a program that falls back to the CPU).
+inline int visible_devices(std::string& why) {
+  int count = 0;
+  const cudaError_t status = cudaGetDeviceCount(&count);
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();
+    why = std::string("cudaGetDeviceCount: ") + cudaGetErrorName(status) + ": " + cudaGetErrorString(status);
+    return 0;
+  }
+  if (count == 0) why = "cudaGetDeviceCount reported 0 devices";
+  return count;
+}
+
+}  // namespace shadowkv::cuda
