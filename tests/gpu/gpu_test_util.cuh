@@ -44,9 +44,14 @@ class DeviceBuffer {
   T* get() const { return ptr_; }
   std::size_t size() const { return size_; }
 
+  /// Complete on return. A plain cudaMemcpy from pageable memory may return before its DMA
+  /// lands, and it runs on the legacy default stream, which the tests' non-blocking streams do
+  /// not wait for: a kernel launched next could read the old bytes (seen on an H200 shared
+  /// with other processes). Hence the legacy stream is synchronised.
   void upload(const std::vector<T>& h) {
     REQUIRE(h.size() == size_);
     SHADOWKV_CUDA_CHECK(cudaMemcpy(ptr_, h.data(), size_ * sizeof(T), cudaMemcpyHostToDevice));
+    SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));
   }
   std::vector<T> download() const {
     std::vector<T> h(size_);
@@ -54,7 +59,13 @@ class DeviceBuffer {
     return h;
   }
   /// Fills with quiet NaNs, so an element the kernel fails to write cannot pass a comparison.
-  void poison() { SHADOWKV_CUDA_CHECK(cudaMemset(ptr_, 0xff, size_ * sizeof(T))); }
+  /// Complete on return (cudaMemset on device memory is asynchronous; see `upload`).
+  void poison() { fill_bytes(0xff); }
+  /// Every byte set to `byte`; complete on return.
+  void fill_bytes(unsigned char byte) {
+    SHADOWKV_CUDA_CHECK(cudaMemset(ptr_, byte, size_ * sizeof(T)));
+    SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));
+  }
 
  private:
   T* ptr_ = nullptr;

@@ -26,6 +26,12 @@
 #include <shadowkv/shadowkv.cuh>
 
 #include "gpu_test_util.cuh"
+#include "slot_table_k4096.cuh"
+
+namespace skv_gpu_test {
+const void* slot_table_kernel_in_second_tu();  // test_slot_table_second_tu.cu
+std::vector<std::int32_t> slot_table_k4096_in_second_tu(cudaStream_t stream);
+}  // namespace skv_gpu_test
 
 using namespace shadowkv;
 namespace skc = shadowkv::cuda;
@@ -61,8 +67,10 @@ class Guarded {
     std::copy(inner.begin(), inner.end(), all.begin() + kGuard);
     buf_.upload(all);
   }
+  /// Complete on return (see `DeviceBuffer::upload`).
   void fill_bytes(unsigned char byte) {
     if (n_) SHADOWKV_CUDA_CHECK(cudaMemset(get(), byte, n_ * sizeof(T)));
+    SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(cudaStreamLegacy));
   }
   std::vector<T> download() const {
     const std::vector<T> all = buf_.download();
@@ -401,6 +409,20 @@ TEST_CASE("slot table: update_slot_tables equals OffloadedValuePool<CpuBackend>:
   random_steps(rng, stream, 8, 7, {{7, 7}, {50, 7}, {1000, 100}, {1, 1}, {30, 9}}, 60);
   random_steps(rng, stream, 2, 1, {{10, 1}, {10, 3}, {1, 1}}, 30);
   random_steps(rng, stream, 1, 4096, {{30000, 16384}, {5000, 4096}}, 12);
+}
+
+TEST_CASE("slot table: k = 4096 from two .cu files, each with its own copy of the kernel") {
+  // The dynamic shared memory limit is a per-kernel attribute, and each .cu file has its own
+  // kernel. When the library cached "limit raised" once per program, the file that launched
+  // second skipped raising it and its launch failed with cudaErrorInvalidValue (seen on the
+  // H200: the GPU suite's alloc-failure tests configured first).
+  SKV_REQUIRE_GPU();
+  const Stream stream;
+  std::vector<std::int32_t> want(4096);
+  std::iota(want.begin(), want.end(), 0);
+  MESSAGE("kernel copies: ", (slot_table_kernel_here() != skv_gpu_test::slot_table_kernel_in_second_tu() ? "two" : "one"));
+  CHECK(skv_gpu_test::slot_table_k4096_in_second_tu(stream.get()) == want);
+  CHECK(slot_table_k4096_here(stream.get()) == want);
 }
 
 TEST_CASE("slot table: invalid device data is skipped and counted, nothing written out of bounds") {

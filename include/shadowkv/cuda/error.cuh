@@ -12,6 +12,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <atomic>
 #include <string>
 
 #include "../core/error.hpp"
@@ -64,6 +65,33 @@ inline int visible_devices(std::string& why) {
   }
   if (count == 0) why = "cudaGetDeviceCount reported 0 devices";
   return count;
+}
+
+/// A launch setting of `Kernel` computed once per device — `compute(device)` >= 0, typically
+/// after raising the kernel's dynamic shared memory limit with cudaFuncSetAttribute — and
+/// returned from then on.
+///
+/// The cache is keyed by the kernel itself, as a template argument, and must stay so. nvcc
+/// gives every translation unit its own host stub of a `__global__` template (whole-program
+/// mode, `-static-global-template-stub`, on by default), so each .cu file that includes
+/// shadowkv has its own copy of the kernel, with attributes of its own. A cache in an ordinary
+/// inline function is one per program: the first .cu file to launch set the attribute on its
+/// copy, and a launch from a second .cu file, with the attribute never raised there, failed with
+/// cudaErrorInvalidValue (the slot table at k = 4096 on the H200, 2026-11-25). Here each copy
+/// of the kernel has its own instantiation, so its own cache.
+template <auto Kernel, class Compute>
+long long kernel_setting_per_device(Compute&& compute) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<long long> cached[kMaxDevices] = {};  // 1 + value; 0: not computed yet
+  int device = 0;
+  SHADOWKV_CUDA_CHECK(cudaGetDevice(&device));
+  long long value = device < kMaxDevices ? cached[device].load(std::memory_order_relaxed) - 1 : -1;
+  if (value < 0) {
+    value = static_cast<long long>(compute(device));
+    SHADOWKV_CHECK(value >= 0, "kernel_setting_per_device: compute returned ", value, " < 0");
+    if (device < kMaxDevices) cached[device].store(value + 1, std::memory_order_relaxed);
+  }
+  return value;
 }
 
 }  // namespace shadowkv::cuda

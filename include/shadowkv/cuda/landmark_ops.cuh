@@ -13,6 +13,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstddef>
@@ -51,20 +52,15 @@ inline int head_block(int group) { return group <= 1 ? 1 : group <= 2 ? 2 : grou
 /// `smem_bytes` and returns how many of its CTAs of `threads` fit on one SM.
 template <auto Kernel>
 int configure_kernel(int threads, int smem_bytes) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> ctas_per_sm[kMaxDevices] = {};  // 0: not configured yet
-  int device = 0;
-  SHADOWKV_CUDA_CHECK(cudaGetDevice(&device));
-  int n = device < kMaxDevices ? ctas_per_sm[device].load(std::memory_order_relaxed) : 0;
-  if (n == 0) {
+  return static_cast<int>(kernel_setting_per_device<Kernel>([&](int) {
     if (smem_bytes > 48 * 1024)
       SHADOWKV_CUDA_CHECK(cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+    int n = 0;
     SHADOWKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, Kernel, threads, smem_bytes));
     SHADOWKV_CHECK(n > 0, "the landmark scoring kernel does not fit on this device (", smem_bytes,
                    " bytes of shared memory)");
-    if (device < kMaxDevices) ctas_per_sm[device].store(n, std::memory_order_relaxed);
-  }
-  return n;
+    return n;
+  }));
 }
 
 /// What the launches need to know of the current device, read once per device.
@@ -97,24 +93,18 @@ inline DeviceInfo device_info() {
 /// where the device allows less) are cached in shared memory, longer rows read from L2.
 template <int NT>
 void launch_top_k(const TopKParams& p, const DeviceInfo& dev, cudaStream_t stream) {
-  auto* kernel = kernels::landmark_top_k_kernel<NT>;
-  constexpr int kMaxCached = 32768;
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> configured[kMaxDevices] = {};  // 1 + cached keys the attribute allows
-  int device = 0;
-  SHADOWKV_CUDA_CHECK(cudaGetDevice(&device));
-  int limit = device < kMaxDevices ? configured[device].load(std::memory_order_relaxed) - 1 : -1;
-  if (limit < 0) {
+  constexpr auto kernel = kernels::landmark_top_k_kernel<NT>;
+  const int limit = static_cast<int>(kernel_setting_per_device<kernel>([&](int) {
+    constexpr int kMaxCached = 32768;
     cudaFuncAttributes attr{};
     SHADOWKV_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
     // Room for the keys: the opt-in limit less the static shared memory, a 1 KiB margin and
     // the 512-byte pad below.
     const int room = dev.smem_optin - static_cast<int>(attr.sharedSizeBytes) - 1024 - 512;
-    limit = room > 0 ? room / 16 * 4 : 0;
-    if (limit > kMaxCached) limit = kMaxCached;
-    SHADOWKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit * 4 + 512));
-    if (device < kMaxDevices) configured[device].store(limit + 1, std::memory_order_relaxed);
-  }
+    const int keys = room > 0 ? std::min(room / 16 * 4, kMaxCached) : 0;
+    SHADOWKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, keys * 4 + 512));
+    return keys;
+  }));
   const int cache = p.max_landmarks < limit ? p.max_landmarks : limit;
   // Padded by 128 keys: the compiler may merge the kernel's guarded tail reads of 4 keys into
   // one (speculative) vector load, which must stay inside the allocation.

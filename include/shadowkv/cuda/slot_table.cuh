@@ -12,7 +12,6 @@
 
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstddef>
 
 #include "../core/error.hpp"
@@ -47,28 +46,22 @@ inline void check_slot_table_params(const SlotTableParams& p) {
 
 namespace slot_table_launch {
 
-/// Once per device: raises the kernel's dynamic shared memory limit to what k = kMaxSlotTableK
-/// needs (or what the device allows) and returns the largest dynamic size set, in bytes.
-inline std::size_t configure_kernel() {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<long long> configured[kMaxDevices] = {};  // 1 + bytes set; 0: not yet
-  int device = 0;
-  SHADOWKV_CUDA_CHECK(cudaGetDevice(&device));
-  long long bytes = device < kMaxDevices ? configured[device].load(std::memory_order_relaxed) - 1 : -1;
-  if (bytes < 0) {
-    auto* kernel = kernels::update_slot_tables_kernel<kernels::slot_table_detail::kThreads>;
+/// Raises the kernel's dynamic shared memory limit to what k = kMaxSlotTableK needs (less where
+/// the device cannot) once per device and per copy of the kernel; returns the limit.
+template <auto Kernel>
+std::size_t configure_kernel() {
+  return static_cast<std::size_t>(kernel_setting_per_device<Kernel>([](int device) {
     int optin = 0;
     cudaFuncAttributes attr{};
     SHADOWKV_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-    SHADOWKV_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+    SHADOWKV_CUDA_CHECK(cudaFuncGetAttributes(&attr, Kernel));
     const long long room = static_cast<long long>(optin) - static_cast<long long>(attr.sharedSizeBytes);
     const long long want = static_cast<long long>(kernels::slot_table_detail::smem_bytes(kMaxSlotTableK));
-    bytes = room < want ? (room > 0 ? room : 0) : want;
+    const long long bytes = room < want ? (room > 0 ? room : 0) : want;
     SHADOWKV_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-    if (device < kMaxDevices) configured[device].store(bytes + 1, std::memory_order_relaxed);
-  }
-  return static_cast<std::size_t>(bytes);
+        cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+    return bytes;
+  }));
 }
 
 }  // namespace slot_table_launch
@@ -110,12 +103,13 @@ inline void update_slot_tables(const SlotTableParams& p, cudaStream_t stream) {
   check_slot_table_params(p);
   if (p.batch == 0) return;
   const std::size_t smem = kernels::slot_table_detail::smem_bytes(p.k);
-  const std::size_t limit = slot_table_launch::configure_kernel();
+  constexpr int kThreads = kernels::slot_table_detail::kThreads;
+  constexpr auto kernel = kernels::update_slot_tables_kernel<kThreads>;
+  const std::size_t limit = slot_table_launch::configure_kernel<kernel>();
   SHADOWKV_CHECK(smem <= limit, "k=", p.k, " needs ", smem, " bytes of shared memory; this device allows ", limit,
                  " (beside the kernel's static shared memory)");
   const dim3 grid(static_cast<unsigned>(p.num_kv_heads), static_cast<unsigned>(p.batch));
-  constexpr int kThreads = kernels::slot_table_detail::kThreads;
-  kernels::update_slot_tables_kernel<kThreads><<<grid, kThreads, smem, stream>>>(p);
+  kernel<<<grid, kThreads, smem, stream>>>(p);
   SHADOWKV_CUDA_CHECK_LAUNCH();
 }
 
