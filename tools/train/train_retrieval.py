@@ -14,7 +14,8 @@ The loss is cross-entropy on the answer (digits + eos), plus a small weight on p
 byte. A curriculum raises the longest context from 512 to 16384 tokens. Each run stops at
 `--minutes`, writes a checkpoint that the next run can resume (`--resume`), and exports
 `config.json`, `model.safetensors` (BF16), `tasks.json` and `words.txt` into `--out`, the folder
-the C++ decoder and accuracy harness load.
+the C++ decoder and accuracy harness load. `--init CKPT` starts from an earlier run's weights and
+step with fresh optimizer moments (runs 4-6 started from run 3 this way).
 
 The task texts live in TASKS below and are written into tasks.json: the C++ accuracy harness
 builds its test prompts from that file, so training and testing use one definition.
@@ -63,6 +64,15 @@ TASKS = {
 }
 MIN_WORDS, MAX_WORDS = 6, 14  # words per filler sentence
 MULTI_QUERY_FROM = 11177  # step from which mk-niah prompts may ask several keys (run 3 on)
+# Step from which every step is 32 short prompts (run 4 on): 1024 tokens, one in five passkey,
+# the rest mk-niah with exactly 4 needles and one question. Runs 1-3 spent most steps at long
+# contexts with 2-16 needles and stayed at 1-in-N on mk-niah. Probes from run 3's weights
+# (tools/train/probe_mk.py, H200, 2026-11-25) went from 29% to 67% in 2200 such steps, while two
+# runs that mixed in 20-25% of long steps (2-16K tokens, 2-8 prompts each) stayed near 30%.
+# Run 6, this phase for 10845 steps, reached 47% at 2-8K but lost the passkey beyond 2K (0% at
+# 8K): not shipped (models/README.md). The next phase has to bring long prompts back slowly.
+FOCUS_FROM = 16864
+FOCUS_LENGTH = 1024
 
 
 class Tasks:
@@ -258,24 +268,38 @@ def schedule_length(step, total_steps, max_len):
 def make_batch(tasks, step, seed, total_steps, max_len, tokens_per_step):
     """Batch of one step (a pure function of seed and step: re-runs and resumes repeat it)."""
     rng = random.Random(seed * 1_000_003 + step)
+    if step >= FOCUS_FROM:
+        length = FOCUS_LENGTH
+
+        def draw():  # one prompt in five passkey, the rest mk-niah with 4 needles, one question
+            return ("passkey", 1, 1) if rng.random() < 0.2 else ("mk-niah", 4, 1)
+        return collate(tasks, rng, max(1, tokens_per_step // length), length, draw)
     top, levels = schedule_length(step, total_steps, max_len)
     # Half the steps at the current top length, the rest spread over the shorter levels.
     cands = [l for l in levels if l <= top]
     length = top if rng.random() < 0.5 else rng.choice(cands)
     length = max(512, int(length * rng.uniform(0.75, 1.0)) // 64 * 64) if rng.random() < 0.5 else length
-    batch = max(1, tokens_per_step // length)
-    rows, masks = [], []
-    for _ in range(batch):
+
+    def draw():
         task = "passkey" if rng.random() < 0.35 else "mk-niah"
         if task == "passkey":
-            needles, queries = 1, 1
-        elif step >= MULTI_QUERY_FROM and rng.random() < 0.8:
+            return task, 1, 1
+        if step >= MULTI_QUERY_FROM and rng.random() < 0.8:
             # Many needles, several of them asked in turn (run 3 on): with one question per
             # prompt the key-matching signal was too sparse to leave the 1-in-N plateau.
             needles = rng.randint(2, max(2, min(16, length // 150)))
-            queries = rng.randint(2, max(2, min(needles, length // 250)))
-        else:
-            needles, queries = rng.randint(2, min(6, 2 + length // 1024)), 1
+            return task, needles, rng.randint(2, max(2, min(needles, length // 250)))
+        return task, rng.randint(2, min(6, 2 + length // 1024)), 1
+    return collate(tasks, rng, max(1, tokens_per_step // length), length, draw)
+
+
+def collate(tasks, rng, batch, length, draw):
+    """`batch` prompts of `length` tokens, each from `draw()` -> (task, needles, questions) (drawn
+    right before its prompt, so the random sequence is the one runs 1-3 used), as padded
+    tensors: ids, the answer-token mask and the valid-token mask of the targets ids[:, 1:]."""
+    rows, masks = [], []
+    for _ in range(batch):
+        task, needles, queries = draw()
         try:
             prompt, answer, inner = tasks.sample(rng, task, length, needles, queries)
         except ValueError:  # too many questions for a short prompt
@@ -377,6 +401,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="folder for the exported model, checkpoint and log")
     ap.add_argument("--resume", help="checkpoint folder of an earlier run (ckpt_model.pt, ckpt_opt.pt)")
+    ap.add_argument("--init", help="ckpt_model.pt of an earlier run: its weights and step, fresh optimizer moments")
     ap.add_argument("--minutes", type=float, default=9.0, help="stop training after this many minutes")
     ap.add_argument("--total-steps", type=int, default=10000, help="steps of the whole schedule (all runs)")
     ap.add_argument("--tokens-per-step", type=int, default=131072)
@@ -415,7 +440,13 @@ def main():
             opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": m.float().to(device),
                             "exp_avg_sq": v.float().to(device)}
         print(f"resumed from {a.resume} at step {step}", flush=True)
-        old = os.path.join(a.resume, "train_log.jsonl")
+    elif a.init:
+        ck = torch.load(a.init, map_location=device)
+        model.load_state_dict({k: v.float() for k, v in ck["model"].items()})  # fp32 or bf16 weights
+        step = ck["step"]
+        print(f"weights of {a.init} at step {step}; fresh optimizer moments", flush=True)
+    if a.resume or a.init:  # the log goes on from the earlier run's (beside its checkpoint)
+        old = os.path.join(a.resume or os.path.dirname(os.path.abspath(a.init)), "train_log.jsonl")
         if os.path.exists(old) and os.path.abspath(old) != os.path.abspath(log_path):
             with open(old) as src, open(log_path, "w") as dst:
                 dst.write(src.read())
@@ -433,7 +464,7 @@ def main():
 
     t0 = time.time()
     last_save = t0
-    warmup = 200 if not a.resume else 50
+    warmup = 50 if a.resume else 200  # --init: fresh moments, a full warmup
     first = step
     tokens = 0
     workers = 0 if a.smoke else min(10, max(1, (os.cpu_count() or 2) - 2))
@@ -444,7 +475,10 @@ def main():
         ids, ans, valid, length = next(loader)
         length = int(length)
         ids, ans, valid = ids.to(device, non_blocking=True), ans.to(device), valid.to(device)
-        lr = a.lr * min(1.0, (step - first + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / a.total_steps)))
+        # Cosine to 10% of --lr over the schedule; the focus phase (FOCUS_FROM on) restarts it.
+        start = FOCUS_FROM if step >= FOCUS_FROM else 0
+        frac = (step - start) / max(1, a.total_steps - start)
+        lr = a.lr * min(1.0, (step - first + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
