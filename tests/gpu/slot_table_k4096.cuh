@@ -1,10 +1,11 @@
 #pragma once
 // One update_slot_tables launch at k = 4096 (80 KiB of dynamic shared memory, past the 48 KiB
 // default), compiled into every .cu file that includes this header: the helpers are in an
-// unnamed namespace, so each file has its own, launching its own copy of the kernel (nvcc gives
-// each file its own host stub of a __global__ template). test_slot_table.cu and
-// test_slot_table_second_tu.cu both run it, to check that a launch from one file does not
-// leave the other's copy unconfigured.
+// unnamed namespace, so each file has its own (nvcc gives each file its own host stub, so its
+// own copy, of a __global__ template). test_slot_table.cu and test_slot_table_second_tu.cu both
+// run them: configuring one file's copy must not leave the other's unconfigured. The launches go
+// through the inline `update_slot_tables`, which launches this file's copy only where the
+// compiler inlines it; `slot_table_limit_here` checks the copy of this file in any case.
 
 #include <cstdint>
 #include <numeric>
@@ -20,6 +21,18 @@ namespace {
 inline const void* slot_table_kernel_here() {
   return reinterpret_cast<const void*>(
       shadowkv::cuda::kernels::update_slot_tables_kernel<shadowkv::cuda::kernels::slot_table_detail::kThreads>);
+}
+
+/// Configures this file's copy of the kernel through the library's per-copy cache (the template
+/// argument names this file's copy, whatever the compiler inlines) and returns the dynamic
+/// shared memory limit that copy then has.
+inline int slot_table_limit_here() {
+  namespace skc = shadowkv::cuda;
+  constexpr auto kernel = skc::kernels::update_slot_tables_kernel<skc::kernels::slot_table_detail::kThreads>;
+  (void)skc::slot_table_launch::configure_kernel<kernel>();
+  cudaFuncAttributes attr{};
+  SHADOWKV_CUDA_CHECK(cudaFuncGetAttributes(&attr, kernel));
+  return attr.maxDynamicSharedSizeBytes;
 }
 
 /// One sequence (one head, 5000 chunks, 4096 slots, empty) asked for chunks 0..4095 at k = 4096,

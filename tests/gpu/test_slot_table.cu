@@ -30,6 +30,7 @@
 
 namespace skv_gpu_test {
 const void* slot_table_kernel_in_second_tu();  // test_slot_table_second_tu.cu
+int slot_table_limit_in_second_tu();
 std::vector<std::int32_t> slot_table_k4096_in_second_tu(cudaStream_t stream);
 }  // namespace skv_gpu_test
 
@@ -423,6 +424,11 @@ TEST_CASE("slot table: k = 4096 from two .cu files, each with its own copy of th
   MESSAGE("kernel copies: ", (slot_table_kernel_here() != skv_gpu_test::slot_table_kernel_in_second_tu() ? "two" : "one"));
   CHECK(skv_gpu_test::slot_table_k4096_in_second_tu(stream.get()) == want);
   CHECK(slot_table_k4096_here(stream.get()) == want);
+  // Each copy's own limit, configured second file first (deterministic, unlike which copy the
+  // launches above used): both must allow k = 4096.
+  const auto need = static_cast<int>(skc::kernels::slot_table_detail::smem_bytes(4096));
+  CHECK(skv_gpu_test::slot_table_limit_in_second_tu() >= need);
+  CHECK(slot_table_limit_here() >= need);
 }
 
 TEST_CASE("slot table: invalid device data is skipped and counted, nothing written out of bounds") {

@@ -7,6 +7,8 @@ namespace skv_gpu_test {
 
 const void* slot_table_kernel_in_second_tu() { return slot_table_kernel_here(); }
 
+int slot_table_limit_in_second_tu() { return slot_table_limit_here(); }
+
 std::vector<std::int32_t> slot_table_k4096_in_second_tu(cudaStream_t stream) { return slot_table_k4096_here(stream); }
 
 }  // namespace skv_gpu_test

@@ -64,8 +64,9 @@ TASKS = {
 }
 MIN_WORDS, MAX_WORDS = 6, 14  # words per filler sentence
 MULTI_QUERY_FROM = 11177  # step from which mk-niah prompts may ask several keys (run 3 on)
-# Step from which every step is 32 short prompts (run 4 on): 1024 tokens, one in five passkey,
-# the rest mk-niah with exactly 4 needles and one question. Runs 1-3 spent most steps at long
+# Step from which every step is short prompts (run 6's recipe; runs 4 and 5 tried mixes, see
+# models/README.md): 1024 tokens each (32 a step at --tokens-per-step 32768), one in five
+# passkey, the rest mk-niah with exactly 4 needles and one question. Runs 1-3 spent most steps at long
 # contexts with 2-16 needles and stayed at 1-in-N on mk-niah. Probes from run 3's weights
 # (tools/train/probe_mk.py, H200, 2026-11-25) went from 29% to 67% in 2200 such steps, while two
 # runs that mixed in 20-25% of long steps (2-16K tokens, 2-8 prompts each) stayed near 30%.
@@ -412,6 +413,8 @@ def main():
     ap.add_argument("--final-eval", type=int, default=100, help="cases per task and length in the last eval")
     ap.add_argument("--smoke", action="store_true", help="a tiny model for a few steps on the CPU")
     a = ap.parse_args()
+    if a.resume and a.init:
+        ap.error("--resume and --init exclude each other (--resume keeps the optimizer moments, --init does not)")
 
     torch.manual_seed(a.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")

@@ -7,8 +7,9 @@
 ///
 /// The launcher validates its arguments before any CUDA call (a bad argument throws
 /// `shadowkv::Error` naming it, and nothing is launched), checks the launch, and never
-/// synchronises: the work is queued on the given stream. The first call on a device reads
-/// its shared-memory limits and sets the kernel's once; later calls only enqueue work.
+/// synchronises: the work is queued on the given stream. The first call on a device (per .cu
+/// file: each has its own copy of the kernel, see `kernel_setting_per_device`) reads its
+/// shared-memory limits and raises the kernel's; later calls only enqueue work.
 
 #include <cuda_runtime.h>
 
