@@ -266,11 +266,25 @@ def schedule_length(step, total_steps, max_len):
     return levels[min(len(levels) - 1, int(frac * len(levels)))], levels
 
 
-def make_batch(tasks, step, seed, total_steps, max_len, tokens_per_step):
-    """Batch of one step (a pure function of seed and step: re-runs and resumes repeat it)."""
+def long_share(step, long_from, share, ramp):
+    """Share of long steps in the focus phase: 0 before long_from, then rising linearly to
+    `share` over `ramp` steps (long_from None: never)."""
+    if long_from is None or step < long_from:
+        return 0.0
+    return share * min(1.0, (step - long_from + 1) / max(1, ramp))
+
+
+def make_batch(tasks, step, seed, total_steps, max_len, tokens_per_step, long_from=None, share=0.0, ramp=1):
+    """Batch of one step (a pure function of seed, step and the options: re-runs and resumes
+    repeat it)."""
     rng = random.Random(seed * 1_000_003 + step)
     if step >= FOCUS_FROM:
         length = FOCUS_LENGTH
+        p_long = long_share(step, long_from, share, ramp)
+        if p_long > 0 and rng.random() < p_long:
+            # Long prompts come back after the key matching is learned at 1K (--long-from):
+            # mixed in from the start (run 5) they kept it from being learned.
+            length = rng.choice([n for n in (2048, 4096, 8192, 16384) if n <= max_len] or [max_len])
 
         def draw():  # one prompt in five passkey, the rest mk-niah with 4 needles, one question
             return ("passkey", 1, 1) if rng.random() < 0.2 else ("mk-niah", 4, 1)
@@ -333,7 +347,8 @@ class Batches(torch.utils.data.IterableDataset):
         w, n = (info.id, info.num_workers) if info else (0, 1)
         step = self.start + w
         while True:
-            yield make_batch(self.tasks, step, self.a.seed, self.a.total_steps, self.a.max_len, self.a.tokens_per_step)
+            yield make_batch(self.tasks, step, self.a.seed, self.a.total_steps, self.a.max_len, self.a.tokens_per_step,
+                             self.a.long_from, self.a.long_share, self.a.long_ramp)
             step += n
 
 
@@ -411,10 +426,19 @@ def main():
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--final-eval", type=int, default=100, help="cases per task and length in the last eval")
+    ap.add_argument("--long-from", type=int, help="focus phase: step from which long prompts (2K to --max-len) come back")
+    ap.add_argument("--long-share", type=float, default=0.2, help="focus phase: share of long steps after the ramp")
+    ap.add_argument("--long-ramp", type=int, default=2000, help="focus phase: steps over which that share rises from 0")
     ap.add_argument("--smoke", action="store_true", help="a tiny model for a few steps on the CPU")
     a = ap.parse_args()
     if a.resume and a.init:
         ap.error("--resume and --init exclude each other (--resume keeps the optimizer moments, --init does not)")
+    if a.long_from is not None and a.long_from < FOCUS_FROM:
+        ap.error(f"--long-from={a.long_from} is before the focus phase (step {FOCUS_FROM})")
+    if not 0.0 <= a.long_share <= 1.0:
+        ap.error(f"--long-share={a.long_share} is not in [0, 1]")
+    if a.long_ramp < 1:
+        ap.error(f"--long-ramp={a.long_ramp} must be >= 1")
 
     torch.manual_seed(a.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
