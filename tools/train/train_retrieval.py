@@ -425,6 +425,8 @@ def main():
     ap.add_argument("--lr", type=float, default=1.5e-3)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--eval-every", type=int, default=500)
+    ap.add_argument("--eval-cases", type=int, default=32,
+                    help="cases per task and length in the evaluations during training (32: about +-8 points)")
     ap.add_argument("--final-eval", type=int, default=100, help="cases per task and length in the last eval")
     ap.add_argument("--long-from", type=int, help="focus phase: step from which long prompts (2K to --max-len) come back")
     ap.add_argument("--long-share", type=float, default=0.2, help="focus phase: share of long steps after the ramp")
@@ -437,6 +439,8 @@ def main():
         ap.error(f"--long-from={a.long_from} is before the focus phase (step {FOCUS_FROM})")
     if not 0.0 <= a.long_share <= 1.0:
         ap.error(f"--long-share={a.long_share} is not in [0, 1]")
+    if a.eval_cases < 1:
+        ap.error(f"--eval-cases={a.eval_cases} must be >= 1")
     if a.long_ramp < 1:
         ap.error(f"--long-ramp={a.long_ramp} must be >= 1")
 
@@ -529,7 +533,7 @@ def main():
             log.write(json.dumps(rec) + "\n")
         if step % a.eval_every == 0:
             top, _ = schedule_length(step, a.total_steps, a.max_len)
-            acc = evaluate(model, tasks, device, sorted({1024, top}), 32 if not a.smoke else 2, 12345, dtype)
+            acc = evaluate(model, tasks, device, sorted({1024, top}), a.eval_cases if not a.smoke else 2, 12345, dtype)
             rec = {"step": step, "eval": acc, "elapsed_s": round(time.time() - t0, 1)}
             print(json.dumps(rec), flush=True)
             log.write(json.dumps(rec) + "\n")
