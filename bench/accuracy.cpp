@@ -1,5 +1,5 @@
 // accuracy: how often dense, ShadowKV and oracle attention let the project's trained model
-// (models/retrieval-4l) find the passkey and the asked-for needle, at several context lengths
+// (models/retrieval-6l) find the passkey and the asked-for needle, at several context lengths
 // and budgets; a rank sweep and the outlier ablation at one length; attention-level figures
 // (output error against dense, chunk recall against the oracle, hit rate) per layer. See
 // docs/accuracy.md. The run itself is accuracy_run.hpp; this file holds the command line and

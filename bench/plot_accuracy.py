@@ -102,7 +102,7 @@ def plot(d, out):
         ax.set_title(f"{task} ({d['cases']} cases per point)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="lower left")
-    fig.suptitle(f"retrieval-4l on {d['device']}, {d['date'][:10]}", fontsize=9)
+    fig.suptitle(f"retrieval-6l on {d['device']}, {d['date'][:10]}", fontsize=9)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")

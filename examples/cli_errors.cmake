@@ -99,7 +99,7 @@ expect_exit(1 "invalid JSON" --model ${WORK}/bad-config)
 expect_exit(1 model.safetensors --model ${WORK}/no-weights)
 expect_exit(1 "header length" --model ${WORK}/bad-weights)
 
-# The default retrieval prompt of the trained model (models/retrieval-4l).
+# The default retrieval prompt of the trained model (models/retrieval-6l).
 expect_usage_error(--task --task nope)
 expect_usage_error(--context --context 100)
 expect_usage_error(--context --context 5)

@@ -53,8 +53,8 @@ class RetrievalTasks {
       max_words_ = range.at(1).get<int>();
       for (const auto& [name, t] : j.at("tasks").items())
         specs_[name] = Spec{t.at("prefix").get<std::string>(), t.at("needle").get<std::string>(),
-                            t.at("query").get<std::string>(), t.at("value_digits").get<int>(),
-                            t.at("needles").get<int>()};
+                            t.at("query").get<std::string>(), t.value("key", std::string("words")),
+                            t.at("value_digits").get<int>(), t.at("needles").get<int>()};
       const std::filesystem::path words = model_dir / j.at("words").get<std::string>();
       std::ifstream w(words);
       SHADOWKV_CHECK(w.good(), "cannot read '", words.string(), "' named by ", file.string());
@@ -64,9 +64,14 @@ class RetrievalTasks {
     }
     SHADOWKV_CHECK(!words_.empty() && !specs_.empty() && min_words_ >= 1 && max_words_ >= min_words_, file.string(),
                    ": needs tasks, a word list and sentence_words [min, max] with 1 <= min <= max");
-    for (const auto& [name, s] : specs_)
+    for (const auto& [name, s] : specs_) {
       SHADOWKV_CHECK(s.value_digits >= 1 && s.value_digits <= 18 && s.needles >= 1, file.string(), ": task '", name,
                      "' needs value_digits in [1, 18] and needles >= 1");
+      SHADOWKV_CHECK(s.key == "words" || s.key == "letter", file.string(), ": task '", name, "' has key '", s.key,
+                     "' (known: 'words', two words joined by '-'; 'letter', one capital letter)");
+      SHADOWKV_CHECK(s.key != "letter" || s.needles <= 26, file.string(), ": task '", name, "' asks for ",
+                     s.needles, " needles with one-letter keys (at most 26)");
+    }
   }
 
   std::vector<std::string> names() const {
@@ -81,7 +86,8 @@ class RetrievalTasks {
   /// a little filler.
   std::int64_t fixed_tokens(const std::string& task) const {
     const Spec& s = spec(task);
-    const std::size_t key = 2 * longest_word() + 1, value = static_cast<std::size_t>(s.value_digits);
+    const std::size_t key = s.key == "letter" ? 1 : 2 * longest_word() + 1;
+    const std::size_t value = static_cast<std::size_t>(s.value_digits);
     return static_cast<std::int64_t>(1 + s.prefix.size() + fill(s.query, key, value).size() +
                                      s.needles * (fill(s.needle, key, value).size() + 1));
   }
@@ -92,7 +98,8 @@ class RetrievalTasks {
     Rng rng(seed);
     std::vector<std::string> keys, values, needles;
     while (static_cast<int>(keys.size()) < s.needles) {
-      std::string k = word(rng) + "-" + word(rng);
+      std::string k = s.key == "letter" ? std::string(1, static_cast<char>('A' + rng.below(26)))
+                                        : word(rng) + "-" + word(rng);
       if (std::find(keys.begin(), keys.end(), k) == keys.end()) keys.push_back(std::move(k));
     }
     std::int64_t needle_bytes = 0;
@@ -151,6 +158,7 @@ class RetrievalTasks {
  private:
   struct Spec {
     std::string prefix, needle, query;
+    std::string key;  ///< "words" (two words joined by '-'; the default) or "letter" (one capital letter)
     int value_digits = 0, needles = 0;
   };
 

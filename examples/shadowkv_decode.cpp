@@ -118,8 +118,8 @@ int main(int argc, char** argv) {
       "holds on the device and on the host (with --device cpu: as the CUDA backend would place them) and, "
       "for ShadowKV, the hit rate of the device value cache.\n\n"
       "Without --model it uses the project's trained retrieval model (" +
-      (trained_dir.empty() ? std::string("models/retrieval-4l") : trained_dir.string()) +
-      ": 4 layers, byte vocabulary, trained on passkey and multi-key needle retrieval up to 16K tokens; see "
+      (trained_dir.empty() ? std::string("models/retrieval-6l") : trained_dir.string()) +
+      ": 6 layers, byte vocabulary, trained on passkey and multi-key needle retrieval up to 16K tokens; see "
       "models/README.md) when the source tree is there, else (or with --model tiny) a tiny model with random "
       "weights written on first use to " +
       tiny_dir.string() +

@@ -517,6 +517,32 @@ TEST_CASE("retrieval tasks: exact lengths, the answer is in the prompt once, fre
   CHECK_THROWS_WITH_AS(tasks.make("mk", 60, 1), doctest::Contains("too short for task 'mk'"), Error);
   CHECK_THROWS_WITH_AS(tasks.make("nope", 500, 1), doctest::Contains("unknown task 'nope'"), Error);
   CHECK(tasks.fixed_tokens("mk") < 200);
+  // One-letter keys ("key": "letter", tools/train/train_retrieval.py --mk-key letter).
+  const auto write_mk = [&](const std::string& key, int needles) {
+    std::ofstream(dir.path() / "tasks.json")
+        << R"({"bos": 256, "eos": 257, "words": "words.txt", "sentence_words": [3, 5], "tasks": {
+      "mk": {"prefix": "Numbers. ", "needle": "Number for {k}: {v}.", "query": " Number for {k}: ",
+             "key": ")" << key << R"(", "value_digits": 7, "needles": )" << needles << "}}}";
+  };
+  write_mk("letter", 26);
+  const shadowkv_examples::RetrievalTasks letters(dir.path());
+  CHECK(letters.fixed_tokens("mk") == 1 + 9 + 15 + 26 * 23);  // bos, prefix, query, 26 needles + spaces
+  for (std::uint64_t i = 0; i < 4; ++i) {
+    const auto c = letters.make("mk", 1024, seed + i);
+    REQUIRE(c.prompt.size() == 1024u);
+    const std::string text(c.prompt.begin() + 1, c.prompt.end());
+    const std::string asked = text.substr(text.rfind(" Number for ") + 12);  // "<key>: "
+    REQUIRE(asked.size() == 3u);
+    CHECK(asked[0] >= 'A');
+    CHECK(asked[0] <= 'Z');
+    CHECK(text.find("for " + asked + c.value + ".") != std::string::npos);
+    for (char k = 'A'; k <= 'Z'; ++k)  // 26 needles: every letter is a key once
+      CHECK(text.find(std::string("Number for ") + k + ": ") != std::string::npos);
+  }
+  write_mk("letter", 27);
+  CHECK_THROWS_WITH_AS(shadowkv_examples::RetrievalTasks{dir.path()}, doctest::Contains("at most 26"), Error);
+  write_mk("uuid", 3);
+  CHECK_THROWS_WITH_AS(shadowkv_examples::RetrievalTasks{dir.path()}, doctest::Contains("has key 'uuid'"), Error);
   std::ofstream(dir.path() / "tasks.json") << R"({"bos": 256})";
   CHECK_THROWS_WITH_AS(shadowkv_examples::RetrievalTasks{dir.path()}, doctest::Contains("tasks.json"), Error);
 }

@@ -15,7 +15,9 @@ byte. A curriculum raises the longest context from 512 to 16384 tokens. Each run
 `--minutes`, writes a checkpoint that the next run can resume (`--resume`), and exports
 `config.json`, `model.safetensors` (BF16), `tasks.json` and `words.txt` into `--out`, the folder
 the C++ decoder and accuracy harness load. `--init CKPT` starts from an earlier run's weights and
-step with fresh optimizer moments (runs 4-6 started from run 3 this way).
+step with fresh optimizer moments (runs 4-6 started from run 3 this way); with `--grow` it also
+inserts fresh layers that start as the identity (run 7 grew run 6 from 4 to 6 layers).
+`--mk-key letter` swaps the two-word keys for one capital letter (tried, not shipped).
 
 The task texts live in TASKS below and are written into tasks.json: the C++ accuracy harness
 builds its test prompts from that file, so training and testing use one definition.
@@ -29,6 +31,7 @@ import json
 import math
 import os
 import random
+import string
 import struct
 import sys
 import time
@@ -71,16 +74,24 @@ MULTI_QUERY_FROM = 11177  # step from which mk-niah prompts may ask several keys
 # (tools/train/probe_mk.py, H200, 2026-11-25) went from 29% to 67% in 2200 such steps, while two
 # runs that mixed in 20-25% of long steps (2-16K tokens, 2-8 prompts each) stayed near 30%.
 # Run 6, this phase for 10845 steps, reached 47% at 2-8K but lost the passkey beyond 2K (0% at
-# 8K): not shipped (models/README.md). The next phase has to bring long prompts back slowly.
+# 8K). Runs 7-9 (the shipped retrieval-6l) grew run 6 to 6 layers (--grow 1,3) and brought long
+# prompts back from the start (--long-from, 25% of the steps): passkey 100% to 16K again, mk-niah
+# 62-68% at 2-16K, a plateau (models/README.md).
 FOCUS_FROM = 16864
 FOCUS_LENGTH = 1024
 
 
-class Tasks:
-    """Builds prompts of an exact token length (1 bos + bytes)."""
+KEY_KINDS = ("words", "letter")  # mk-niah keys: "sparkling-cloud" or one capital letter ("Q")
 
-    def __init__(self, words):
+
+class Tasks:
+    """Builds prompts of an exact token length (1 bos + bytes); mk-niah keys of `key_kind`."""
+
+    def __init__(self, words, key_kind="words"):
+        if key_kind not in KEY_KINDS:
+            raise ValueError(f"key kind {key_kind!r} is not one of {KEY_KINDS}")
         self.words = words
+        self.key_kind = key_kind
 
     def sentence(self, rng):
         n = rng.randint(MIN_WORDS, MAX_WORDS)
@@ -92,6 +103,8 @@ class Tasks:
         return str(rng.randrange(10 ** (digits - 1), 10 ** digits))
 
     def key(self, rng):
+        if self.key_kind == "letter":
+            return rng.choice(string.ascii_uppercase)
         return rng.choice(self.words) + "-" + rng.choice(self.words)
 
     def sample(self, rng, task, length, needles=None, queries=1):
@@ -102,6 +115,8 @@ class Tasks:
         `inner` lists the prompt positions of those answer tokens. Otherwise `inner` is empty."""
         spec = TASKS[task]
         count = needles if needles is not None else spec["needles"]
+        if self.key_kind == "letter" and count > 26 and "{k}" in spec["needle"]:
+            raise ValueError(f"{count} needles need more than the 26 one-letter keys")
         keys = []
         while len(keys) < count:
             k = self.key(rng)
@@ -252,6 +267,31 @@ class Model(nn.Module):
         return out
 
 
+def grow_model(model, before):
+    """A copy of `model` with a fresh layer inserted before each index in `before` (indices of the
+    old model). The new layers' o_proj and down_proj are zero, so each adds nothing to the
+    residual stream at first: the grown model computes exactly what the old one did, and
+    training then finds a use for the new capacity."""
+    c = dict(model.c)
+    old = list(model.layers)
+    c["num_hidden_layers"] = len(old) + len(before)
+    grown = Model(c).to(next(model.parameters()).device)
+    grown.embed_tokens.load_state_dict(model.embed_tokens.state_dict())
+    grown.norm.load_state_dict(model.norm.state_dict())
+    grown.lm_head.load_state_dict(model.lm_head.state_dict())
+    j = 0
+    for i in range(len(old) + 1):
+        for _ in range(before.count(i)):
+            with torch.no_grad():
+                grown.layers[j].o_proj.weight.zero_()
+                grown.layers[j].down_proj.weight.zero_()
+            j += 1
+        if i < len(old):
+            grown.layers[j].load_state_dict(old[i].state_dict())
+            j += 1
+    return grown
+
+
 # ------------------------------------------------------------------------------------- training
 
 
@@ -395,7 +435,7 @@ def write_safetensors(path, tensors):
             f.write(b)
 
 
-def export(model, out, words_path, info):
+def export(model, out, words_path, info, key_kind):
     os.makedirs(out, exist_ok=True)
     c = dict(model.c)
     c.update({"architectures": ["LlamaForCausalLM"], "model_type": "llama", "bos_token_id": BOS,
@@ -407,7 +447,8 @@ def export(model, out, words_path, info):
     write_safetensors(os.path.join(out, "model.safetensors"), model.hf_state())
     with open(os.path.join(out, "tasks.json"), "w") as f:
         json.dump({"bos": BOS, "eos": EOS, "words": "words.txt", "sentence_words": [MIN_WORDS, MAX_WORDS],
-                   "tasks": TASKS}, f, indent=2)
+                   "tasks": {name: dict(spec, key=key_kind) if "{k}" in spec["needle"] else spec
+                             for name, spec in TASKS.items()}}, f, indent=2)
         f.write("\n")
     with open(words_path) as src, open(os.path.join(out, "words.txt"), "w") as dst:
         dst.write(src.read())
@@ -431,6 +472,11 @@ def main():
     ap.add_argument("--long-from", type=int, help="focus phase: step from which long prompts (2K to --max-len) come back")
     ap.add_argument("--long-share", type=float, default=0.2, help="focus phase: share of long steps after the ramp")
     ap.add_argument("--long-ramp", type=int, default=2000, help="focus phase: steps over which that share rises from 0")
+    ap.add_argument("--grow", help="with --init: insert fresh layers before these indices of the loaded model "
+                    "(comma-separated, e.g. 1,3 turns 4 layers into 6); their output projections start at zero, "
+                    "so the grown model computes what the loaded one did")
+    ap.add_argument("--mk-key", choices=KEY_KINDS, default="words",
+                    help="mk-niah keys: two words joined by '-' (runs 1-6) or one capital letter")
     ap.add_argument("--smoke", action="store_true", help="a tiny model for a few steps on the CPU")
     a = ap.parse_args()
     if a.resume and a.init:
@@ -443,6 +489,14 @@ def main():
         ap.error(f"--eval-cases={a.eval_cases} must be >= 1")
     if a.long_ramp < 1:
         ap.error(f"--long-ramp={a.long_ramp} must be >= 1")
+    grow = []
+    if a.grow:
+        if not a.init:
+            ap.error("--grow needs --init (it grows a trained model)")
+        try:
+            grow = sorted(int(x) for x in a.grow.split(","))
+        except ValueError:
+            ap.error(f"--grow={a.grow!r} is not a comma-separated list of layer indices")
 
     torch.manual_seed(a.seed)
     device = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
@@ -454,27 +508,35 @@ def main():
         a.total_steps, a.tokens_per_step, a.max_len, a.eval_every, a.final_eval = 6, 2048, 1024, 3, 2
     words_path = os.path.join(HERE, "words.txt")
     with open(words_path) as f:
-        tasks = Tasks([w for w in f.read().split() if w])
+        tasks = Tasks([w for w in f.read().split() if w], a.mk_key)
+    ck = None
+    if a.resume or a.init:  # the checkpoint's own shapes (a grown model has more layers)
+        ck = torch.load(os.path.join(a.resume, "ckpt_model.pt") if a.resume else a.init, map_location=device)
+        cfg = dict(ck.get("config", cfg))
+    if grow and not all(0 <= g <= cfg["num_hidden_layers"] for g in grow):
+        ap.error(f"--grow={a.grow}: indices must lie in [0, {cfg['num_hidden_layers']}]")
     model = Model(cfg).to(device)
+    if ck is not None:
+        model.load_state_dict({k: v.float() for k, v in ck["model"].items()})  # fp32 or bf16 weights
+        step = ck["step"]
+    if grow:
+        model = grow_model(model, grow).to(device)
+        cfg = model.c
+        print(f"grew to {cfg['num_hidden_layers']} layers (fresh layers before {grow})", flush=True)
     decay = [p for p in model.parameters() if p.dim() == 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
                             lr=a.lr, betas=(0.9, 0.95))
-    step, log_path = 0, os.path.join(a.out, "train_log.jsonl")
+    step = ck["step"] if ck is not None else 0
+    log_path = os.path.join(a.out, "train_log.jsonl")
     os.makedirs(a.out, exist_ok=True)
     if a.resume:
-        ck = torch.load(os.path.join(a.resume, "ckpt_model.pt"), map_location=device)
-        model.load_state_dict(ck["model"])
-        step = ck["step"]
         op = torch.load(os.path.join(a.resume, "ckpt_opt.pt"), map_location=device)
         for p, (m, v) in zip(model.parameters(), op["moments"]):
             opt.state[p] = {"step": torch.tensor(float(step)), "exp_avg": m.float().to(device),
                             "exp_avg_sq": v.float().to(device)}
         print(f"resumed from {a.resume} at step {step}", flush=True)
     elif a.init:
-        ck = torch.load(a.init, map_location=device)
-        model.load_state_dict({k: v.float() for k, v in ck["model"].items()})  # fp32 or bf16 weights
-        step = ck["step"]
         print(f"weights of {a.init} at step {step}; fresh optimizer moments", flush=True)
     if a.resume or a.init:  # the log goes on from the earlier run's (beside its checkpoint)
         old = os.path.join(a.resume or os.path.dirname(os.path.abspath(a.init)), "train_log.jsonl")
@@ -555,7 +617,7 @@ def main():
     log.close()
     info = (f"trained by tools/train/train_retrieval.py (seed {a.seed}, {step} steps) on synthetic passkey and "
             f"multi-key needle retrieval up to {a.max_len} tokens; see models/README.md")
-    export(model, a.out, words_path, info)
+    export(model, a.out, words_path, info, a.mk_key)
     print(f"exported to {a.out}", flush=True)
 
 
