@@ -13,12 +13,16 @@ SHADOWKV_DEB_PACKAGES=(cmake ninja-build g++ libeigen3-dev doctest-dev libbenchm
 # What the fuzzing step of scripts/test adds: clang, and its runtime libraries (libFuzzer and the
 # sanitizers live in libclang-rt-<version>-dev, which clang only recommends).
 SHADOWKV_FUZZ_DEB_PACKAGES=(clang libclang-rt-dev)
+# What the training-script step of scripts/test adds: Debian's Python and PyTorch (CPU), for
+# tools/train/test_train.py.
+SHADOWKV_TRAIN_DEB_PACKAGES=(python3 python3-torch)
 SHADOWKV_JOBS="${SHADOWKV_JOBS:-$(nproc)}"
 read -r -a SHADOWKV_EXTRA_CMAKE_ARGS <<< "${SHADOWKV_CMAKE_ARGS:-}"
 
 # The packages of SHADOWKV_DEB_PACKAGES / SHADOWKV_FUZZ_DEB_PACKAGES that are missing, installed.
 shadowkv_install_deps() { shadowkv_install_packages "${SHADOWKV_DEB_PACKAGES[@]}"; }
 shadowkv_install_fuzz_deps() { shadowkv_install_packages "${SHADOWKV_FUZZ_DEB_PACKAGES[@]}"; }
+shadowkv_install_train_deps() { shadowkv_install_packages "${SHADOWKV_TRAIN_DEB_PACKAGES[@]}"; }
 
 # Installs the packages named that are not installed (apt-get, through sudo when not root); does
 # nothing when all are.

@@ -23,7 +23,8 @@ The task texts live in TASKS below and are written into tasks.json: the C++ accu
 builds its test prompts from that file, so training and testing use one definition.
 
 Runs on a GPU with PyTorch >= 2.0 (flash attention through scaled_dot_product_attention);
-`--smoke` runs a few steps of a tiny model on the CPU to check the script itself.
+`--smoke` runs a few steps of a tiny model on the CPU to check the script itself;
+tools/train/test_train.py (run by scripts/test) does that and more.
 """
 
 import argparse
@@ -518,7 +519,6 @@ def main():
     model = Model(cfg).to(device)
     if ck is not None:
         model.load_state_dict({k: v.float() for k, v in ck["model"].items()})  # fp32 or bf16 weights
-        step = ck["step"]
     if grow:
         model = grow_model(model, grow).to(device)
         cfg = model.c

@@ -1,0 +1,151 @@
+#!/usr/bin/env python3
+"""Tests of the training script (run by scripts/test with Debian's python3-torch, on the CPU):
+
+    python3 -m unittest discover -s tools/train -p 'test_*.py' -v
+
+With SHADOWKV_DECODE set to a built shadowkv-decode, the model the script exports is also loaded
+and run by the C++ decoder, which checks the two sides' formats against each other."""
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import unittest
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import train_retrieval as T  # noqa: E402
+
+SCRIPT = os.path.join(T.HERE, "train_retrieval.py")
+
+
+def tiny_config(layers=2):
+    return {"hidden_size": 64, "num_hidden_layers": layers, "num_attention_heads": 4, "num_key_value_heads": 2,
+            "head_dim": 16, "intermediate_size": 96, "vocab_size": T.VOCAB, "rms_norm_eps": 1e-5,
+            "rope_theta": 10000.0, "max_position_embeddings": 1024}
+
+
+def words():
+    with open(os.path.join(T.HERE, "words.txt")) as f:
+        return [w for w in f.read().split() if w]
+
+
+class GrowTest(unittest.TestCase):
+    def test_grown_model_computes_what_the_old_one_did(self):
+        torch.manual_seed(3)
+        old = T.Model(tiny_config())
+        for p in old.parameters():  # not the init's zeros or ones: every weight matters
+            torch.nn.init.normal_(p, std=0.2)
+        grown = T.grow_model(old, [0, 1, 1, 2])
+        self.assertEqual(grown.c["num_hidden_layers"], 6)
+        self.assertEqual(old.c["num_hidden_layers"], 2)  # the old config is left alone
+        ids = torch.randint(0, 256, (2, 37))
+        with torch.no_grad():
+            a, b = old(ids), grown(ids)
+        self.assertLess((a - b).abs().max().item(), 1e-5)
+        # Layers 0, 2, 3 and 5 are new (zero output projections); 1 and 4 are the old ones.
+        for j in (0, 2, 3, 5):
+            self.assertEqual(grown.layers[j].o_proj.weight.abs().max().item(), 0.0)
+            self.assertEqual(grown.layers[j].down_proj.weight.abs().max().item(), 0.0)
+        for j, i in ((1, 0), (4, 1)):
+            self.assertTrue(torch.equal(grown.layers[j].q_proj.weight, old.layers[i].q_proj.weight))
+        # Training moves the new layers: their output projections get gradients at once.
+        grown(ids).sum().backward()
+        self.assertGreater(grown.layers[0].o_proj.weight.grad.abs().max().item(), 0.0)
+
+
+class TasksTest(unittest.TestCase):
+    def check_case(self, tasks, task, length, needles, rng):
+        prompt, answer, inner = tasks.sample(rng, task, length, needles)
+        self.assertEqual(len(prompt), length)
+        self.assertEqual(prompt[0], T.BOS)
+        self.assertEqual(answer[-1], T.EOS)
+        self.assertEqual(inner, [])
+        text, value = bytes(prompt[1:]).decode("ascii"), bytes(answer[:-1]).decode("ascii")
+        self.assertEqual(len(value), T.TASKS[task]["value_digits"])
+        if task == "mk-niah":
+            asked = re.search(r"The special magic number for (.+): $", text).group(1)
+            needles_seen = re.findall(r"is for (\S+): (\d+)\.", text)
+            self.assertEqual(len(needles_seen), needles)
+            self.assertIn((asked, value), needles_seen)
+            self.assertEqual(len({k for k, _ in needles_seen}), needles)  # distinct keys
+            return [k for k, _ in needles_seen]
+        self.assertEqual(text.count(value), 2)  # "The pass key is V. Remember it. V is the pass key."
+        return []
+
+    def test_exact_lengths_and_answers(self):
+        rng = random.Random(7)
+        for kind in T.KEY_KINDS:
+            tasks = T.Tasks(words(), kind)
+            for length in (700, 1024, 3000):
+                self.check_case(tasks, "passkey", length, 1, rng)
+                keys = self.check_case(tasks, "mk-niah", length, 4, rng)
+                if kind == "letter":
+                    self.assertTrue(all(len(k) == 1 and k.isupper() for k in keys), keys)
+                else:
+                    self.assertTrue(all(re.fullmatch(r"[a-z]+-[a-z]+", k) for k in keys), keys)
+
+    def test_limits(self):
+        with self.assertRaises(ValueError):
+            T.Tasks(words(), "uuid")
+        with self.assertRaises(ValueError):
+            T.Tasks(words(), "letter").sample(random.Random(1), "mk-niah", 4096, 27)
+        with self.assertRaises(ValueError):
+            T.Tasks(words()).sample(random.Random(1), "mk-niah", 100, 4)
+
+    def test_batches_are_a_function_of_the_step(self):
+        tasks = T.Tasks(words())
+        for step in (5, T.FOCUS_FROM + 3):
+            a = T.make_batch(tasks, step, 1, 40000, 16384, 8192)
+            b = T.make_batch(tasks, step, 1, 40000, 16384, 8192)
+            self.assertTrue(all(torch.equal(x, y) for x, y in zip(a[:3], b[:3])))
+        ids, ans, valid, length = T.make_batch(tasks, T.FOCUS_FROM + 3, 1, 40000, 16384, 8192)
+        self.assertEqual(length, T.FOCUS_LENGTH)  # no --long-from: the focus phase is 1K only
+        self.assertEqual(ids.shape[0], 8192 // T.FOCUS_LENGTH)
+        self.assertTrue(bool(ans.any(dim=1).all()))  # every prompt has answer tokens
+
+
+class ScriptTest(unittest.TestCase):
+    """The script end to end (--smoke: a tiny model on the CPU), then grown by a second run."""
+
+    def run_script(self, *args):
+        r = subprocess.run([sys.executable, SCRIPT, "--smoke", *args], capture_output=True, text=True, timeout=900)
+        self.assertEqual(r.returncode, 0, r.stdout[-2000:] + r.stderr[-2000:])
+        return r.stdout
+
+    def test_smoke_run_grow_and_decode(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            one, two = os.path.join(tmp, "one"), os.path.join(tmp, "two")
+            self.run_script("--out", one, "--mk-key", "letter")
+            out = self.run_script("--out", two, "--init", os.path.join(one, "ckpt_model.pt"), "--grow", "1")
+            self.assertIn("grew to 3 layers", out)
+            with open(os.path.join(two, "config.json")) as f:
+                self.assertEqual(json.load(f)["num_hidden_layers"], 3)
+            with open(os.path.join(one, "tasks.json")) as f:
+                tasks = json.load(f)["tasks"]
+            self.assertEqual(tasks["mk-niah"]["key"], "letter")
+            self.assertNotIn("key", tasks["passkey"])
+            with open(os.path.join(two, "tasks.json")) as f:
+                self.assertEqual(json.load(f)["tasks"]["mk-niah"]["key"], "words")
+            with open(os.path.join(two, "train_log.jsonl")) as f:  # the log goes on from run one's
+                self.assertGreaterEqual(sum(1 for line in f if "final_eval" in line), 2)
+            bad = subprocess.run([sys.executable, SCRIPT, "--smoke", "--out", tmp, "--grow", "1"],
+                                 capture_output=True, text=True)
+            self.assertEqual(bad.returncode, 2)
+            self.assertIn("--grow needs --init", bad.stderr)
+
+            decode = os.environ.get("SHADOWKV_DECODE")
+            if not decode:
+                self.skipTest("SHADOWKV_DECODE not set: the C++ decoder's check of the export is left out")
+            for model, task in ((one, "mk-niah"), (two, "passkey")):
+                r = subprocess.run([decode, "--model", model, "--device", "cpu", "--task", task, "--context", "2048",
+                                    "--max-new-tokens", "4"], capture_output=True, text=True, timeout=600)
+                self.assertEqual(r.returncode, 0, r.stdout[-2000:] + r.stderr[-2000:])
+                self.assertIn(f"task:    {task}, 2048-token prompt", r.stdout)
+
+
+if __name__ == "__main__":
+    unittest.main()
