@@ -61,8 +61,7 @@ def main():
     model = T.Model(ck["config"]).to(dev)
     model.load_state_dict({k: v.float() for k, v in ck["model"].items()})
     model.eval()
-    with open(os.path.join(T.HERE, "words.txt")) as f:
-        words = [w for w in f.read().split() if w]
+    words = T.load_words()
     for mode in MODES:
         tasks, rng, good = Keyed(words, mode), random.Random(99), 0
         for _ in range(0, a.cases, 8):

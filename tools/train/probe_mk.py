@@ -50,8 +50,7 @@ def main():
     a = parse_args()
     torch.manual_seed(0)
     dev = torch.device("cuda")
-    with open(os.path.join(T.HERE, "words.txt")) as f:
-        words = [w for w in f.read().split() if w]
+    words = T.load_words()
     tasks = T.Tasks(words)
     if a.key == "one":
         tasks.key = lambda rng: rng.choice(words)

@@ -29,8 +29,7 @@ def tiny_config(layers=2):
 
 
 def words():
-    with open(os.path.join(T.HERE, "words.txt")) as f:
-        return [w for w in f.read().split() if w]
+    return T.load_words()
 
 
 class GrowTest(unittest.TestCase):

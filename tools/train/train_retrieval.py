@@ -82,6 +82,12 @@ FOCUS_FROM = 16864
 FOCUS_LENGTH = 1024
 
 
+def load_words(path=None):
+    """The filler vocabulary: words.txt beside this script (or `path`), one word per whitespace."""
+    with open(path or os.path.join(HERE, "words.txt")) as f:
+        return [w for w in f.read().split() if w]
+
+
 KEY_KINDS = ("words", "letter")  # mk-niah keys: "sparkling-cloud" or one capital letter ("Q")
 
 
@@ -508,8 +514,7 @@ def main():
         cfg.update({"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128})
         a.total_steps, a.tokens_per_step, a.max_len, a.eval_every, a.final_eval = 6, 2048, 1024, 3, 2
     words_path = os.path.join(HERE, "words.txt")
-    with open(words_path) as f:
-        tasks = Tasks([w for w in f.read().split() if w], a.mk_key)
+    tasks = Tasks(load_words(words_path), a.mk_key)
     ck = None
     if a.resume or a.init:  # the checkpoint's own shapes (a grown model has more layers)
         ck = torch.load(os.path.join(a.resume, "ckpt_model.pt") if a.resume else a.init, map_location=device)
