@@ -153,6 +153,17 @@ void bm_shadowkv_attention(benchmark::State& state) {
   SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(w.stream));
 }
 
+/// ShadowKV's attention (as `bm_shadowkv_attention`, no generated rows) with a forced split
+/// count (`range(1)`), for tuning `plan_decode_attention` on short rows.
+void bm_shadowkv_attention_splits(benchmark::State& state) {
+  Workload w;
+  setup(w, static_cast<int>(state.range(0)), 48 * 8 + 32, 256, 0);
+  w.plan = skc::plan_decode_attention_with_splits(w.batch, kHq, kHkv, kD, w.max_rows, static_cast<int>(state.range(1)));
+  w.ws = skc::DeviceBuffer<unsigned char>(w.plan.workspace_bytes, w.stream);
+  run(state, w);
+  SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(w.stream));
+}
+
 /// A whole ShadowKV decode step of one layer from the ops, B sequences of `context` tokens
 /// (budget 2048 = 256 chunks of 8, 48 outlier + 4 local chunks, rank 160): landmark scoring,
 /// top-k, then
@@ -325,8 +336,7 @@ void bm_shadowkv_step(benchmark::State& state) {
   SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
 
   auto step = [&] {
-    skc::score_landmarks(sp, stream);
-    skc::select_top_k(tp, stream);
+    skc::score_and_select_top_k(sp, tp, stream);  // as SparseAttention scores and selects
     if (all_miss) {
       SHADOWKV_CUDA_CHECK(cudaEventRecord(fork, stream));
       SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(side, fork));
@@ -438,7 +448,9 @@ void bm_sparse_attention_decode(benchmark::State& state) {
 }
 
 /// The decode step's landmark scoring and selection alone: `score_landmarks` + `select_top_k`
-/// (k = 256) for B sequences of `context` tokens, Llama-3.1-8B attention shapes, bf16, with
+/// (fused = 0) or `score_and_select_top_k` forced to fuse (fused = 1), k = 256, at most `ctas`
+/// CTAs per row of the top-k (TopKParams::max_ctas_per_row),
+/// for B sequences of `context` tokens, Llama-3.1-8B attention shapes, bf16, with
 /// M = context / 8 - 4 - 48 landmarks per KV head (as `bm_shadowkv_step`: chunks of 8, 4 local
 /// and 48 outlier chunks not indexed). The landmarks are rotated over enough copies (3x the L2
 /// size in all) that every step reads them from HBM: at B = 1 they are 33 MB, under the 60 MB
@@ -449,6 +461,8 @@ void bm_sparse_attention_decode(benchmark::State& state) {
 void bm_score_landmarks(benchmark::State& state) {
   const int batch = static_cast<int>(state.range(0));
   const long long context = state.range(1);
+  const bool fused = state.range(2) != 0;
+  const int ctas = static_cast<int>(state.range(3));  // TopKParams::max_ctas_per_row
   constexpr int c = 8, k_sel = 256, outliers = 48, local = 4;
   const int m = static_cast<int>(context / c - local - outliers);  // landmarks per head
   cudaStream_t stream;
@@ -515,13 +529,18 @@ void bm_score_landmarks(benchmark::State& state) {
     tp.num_kv_heads = kHkv;
     tp.k = k_sel;
     tp.max_landmarks = m;
+    tp.max_ctas_per_row = ctas;
 
     int copy = 0;
     auto step = [&] {
       sp.landmarks = reinterpret_cast<const bf16* const*>(d_lm_ptrs.data() + static_cast<std::size_t>(copy) * batch);
       copy = copy + 1 == copies ? 0 : copy + 1;
-      skc::score_landmarks(sp, stream);
-      skc::select_top_k(tp, stream);
+      if (fused) {
+        skc::score_and_select_top_k(sp, tp, stream, skc::default_allocator(), skc::TopKFusion::fused);
+      } else {
+        skc::score_landmarks(sp, stream);
+        skc::select_top_k(tp, stream);
+      }
     };
     for (int i = 0; i < copies; ++i) step();  // warm-up: first calls configure the kernels
     SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -761,8 +780,8 @@ BENCHMARK(bm_dense)
     ->MinTime(0.2);
 BENCHMARK(bm_dense_splits)
     ->ArgNames({"batch", "context", "splits"})
-    ->ArgsProduct({{8}, {131072}, {8, 12, 16, 17, 24, 33, 40, 48, 66}})
-    ->ArgsProduct({{1}, {131072}, {32, 64, 99, 128, 192, 256}})
+    ->ArgsProduct({{8}, {131072}, {2, 4, 8, 12, 16, 17, 24, 33, 40, 48, 66}})
+    ->ArgsProduct({{1}, {131072}, {16, 24, 32, 33, 64, 99, 128, 192, 256}})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond)
     ->MinTime(0.1);
@@ -776,10 +795,16 @@ BENCHMARK(bm_shadowkv_attention)
     ->Unit(benchmark::kMillisecond)
     ->MinTime(0.2);
 
+BENCHMARK(bm_shadowkv_attention_splits)
+    ->ArgNames({"batch", "splits"})
+    ->ArgsProduct({{8}, {2, 4, 6, 8, 10, 14, 20}})
+    ->ArgsProduct({{64}, {1, 2, 3}})
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond)
+    ->MinTime(0.1);
 BENCHMARK(bm_score_landmarks)
-    ->ArgNames({"batch", "context"})
-    ->Args({1, 131072})
-    ->Args({8, 131072})
+    ->ArgNames({"batch", "context", "fused", "ctas"})
+    ->ArgsProduct({{1, 2, 4, 8}, {131072}, {0, 1}, {1, 8}})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond)
     ->MinTime(0.2);

@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <random>
@@ -104,11 +105,28 @@ int check_selection(const std::vector<float>& scores, const std::vector<int>& m,
   return failures;
 }
 
+/// `select_top_k`'s parameters for rows laid out as the scoring cases lay them out.
+shadowkv::cuda::TopKParams top_k_params(const float* d_scores, long long capacity, const int* d_m,
+                                        const long long* d_offsets, int batch, int num_kv_heads, int k,
+                                        int max_landmarks, std::int32_t* d_selected) {
+  shadowkv::cuda::TopKParams p;
+  p.scores = d_scores;
+  p.num_landmarks = d_m;
+  p.score_offsets = d_offsets;
+  p.scores_capacity = capacity;
+  p.selected = d_selected;
+  p.batch = batch;
+  p.num_kv_heads = num_kv_heads;
+  p.k = k;
+  p.max_landmarks = max_landmarks;
+  return p;
+}
+
 /// Runs `select_top_k` on the device copy of `scores` and returns the selection; `selected`
 /// is filled with -7 first, so that an unwritten slot cannot pass.
 std::vector<std::int32_t> gpu_top_k(const float* d_scores, long long capacity, const std::vector<int>& m,
                                     const std::vector<long long>& offsets, int num_kv_heads, int k,
-                                    cudaStream_t stream) {
+                                    cudaStream_t stream, int max_ctas_per_row = 8) {
   const int batch = static_cast<int>(m.size());
   DeviceBuffer<int> d_m(m.size());
   DeviceBuffer<long long> d_offsets(offsets.size());
@@ -117,16 +135,10 @@ std::vector<std::int32_t> gpu_top_k(const float* d_scores, long long capacity, c
   d_offsets.upload(offsets);
   d_selected.upload(std::vector<std::int32_t>(d_selected.size(), -7));
   SHADOWKV_CUDA_CHECK(cudaDeviceSynchronize());
-  shadowkv::cuda::TopKParams p;
-  p.scores = d_scores;
-  p.num_landmarks = d_m.get();
-  p.score_offsets = d_offsets.get();
-  p.scores_capacity = capacity;
-  p.selected = d_selected.get();
-  p.batch = batch;
-  p.num_kv_heads = num_kv_heads;
-  p.k = k;
-  p.max_landmarks = m.empty() ? 0 : *std::max_element(m.begin(), m.end());
+  const int max_m = m.empty() ? 0 : *std::max_element(m.begin(), m.end());
+  shadowkv::cuda::TopKParams p =
+      top_k_params(d_scores, capacity, d_m.get(), d_offsets.get(), batch, num_kv_heads, k, max_m, d_selected.get());
+  p.max_ctas_per_row = max_ctas_per_row;
   shadowkv::cuda::select_top_k(p, stream);
   SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
   return d_selected.download();
@@ -140,6 +152,7 @@ struct ScoreCase {
   int k;                    // for the top-k on the resulting scores
   float query_scale = 1.0f; // larger: peakier softmax
   bool own_workspace = true;
+  int top_k_ctas = 8;       // max_ctas_per_row of the unfused top-k (1: one CTA per row)
 };
 
 /// Scores a random ragged batch on the GPU, compares with the CPU backend (relative error per
@@ -313,8 +326,39 @@ void run_score_case(const ScoreCase& c, std::mt19937_64& rng, cudaStream_t strea
     MESSAGE("dtype=", dtype_name<T>(), " d=", d, " G=", c.group, " query_scale=", c.query_scale,
             ": worst relative score error ", worst, " (tolerance ", tolerance, ")");
 
-  const std::vector<std::int32_t> selected = gpu_top_k(d_scores.get(), capacity, c.m, offsets, hkv, c.k, stream);
+  const std::vector<std::int32_t> selected =
+      gpu_top_k(d_scores.get(), capacity, c.m, offsets, hkv, c.k, stream, c.top_k_ctas);
   CHECK(check_selection(got, c.m, offsets, hkv, c.k, selected) == 0);
+
+  // score_and_select_top_k with the normalisation fused into the top-k kernel (forced: the
+  // automatic choice fuses only large batches), one CTA per row and clusters of up to 8: the
+  // same scores bit for bit, gaps untouched, and the same selection, on fresh poisoned buffers.
+  for (const int ctas : {1, 8}) {
+    CAPTURE(ctas);
+    DeviceBuffer<float> f_scores(static_cast<std::size_t>(capacity));
+    DeviceBuffer<std::int32_t> f_selected(static_cast<std::size_t>(batch) * hkv * c.k);
+    f_scores.poison();
+    d_ws.poison();
+    f_selected.upload(std::vector<std::int32_t>(f_selected.size(), -7));
+    SHADOWKV_CUDA_CHECK(cudaDeviceSynchronize());
+    p.scores = f_scores.get();
+    shadowkv::cuda::TopKParams tp =
+        top_k_params(f_scores.get(), capacity, d_m.get(), d_offsets.get(), batch, hkv, c.k, max_m, f_selected.get());
+    tp.max_ctas_per_row = ctas;
+    shadowkv::cuda::score_and_select_top_k(p, tp, stream, shadowkv::cuda::default_allocator(),
+                                           shadowkv::cuda::TopKFusion::fused);
+    SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const std::vector<float> fused = f_scores.download();
+    REQUIRE(fused.size() == got.size());
+    long long differing = 0, first = -1;
+    for (std::size_t i = 0; i < got.size(); ++i)
+      if (std::memcmp(&fused[i], &got[i], sizeof(float)) != 0 && differing++ == 0) first = static_cast<long long>(i);
+    CAPTURE(first);
+    CHECK_MESSAGE(differing == 0, "score_and_select_top_k's scores differ from score_landmarks' in ", differing,
+                  " elements");
+    CHECK_MESSAGE(f_selected.download() == selected,
+                  "score_and_select_top_k's selection differs from select_top_k's");
+  }
 }
 
 /// A ragged batch: M_b = 0, 1, a few below 300, and one up to 2500 (several tiles).
@@ -370,7 +414,7 @@ TEST_CASE("gpu: score_landmarks + select_top_k match the CPU backend, fp16, ever
   check_all_shapes<fp16>(rng);
 }
 
-TEST_CASE("gpu: score_landmarks at 128K-context sizes (M_b ~ 17000, H_kv = 8) and a batch of 64") {
+TEST_CASE("gpu: score_landmarks at 128K-context sizes (M_b ~ 17000, H_kv = 8), a batch of 64, rows past the top-k cache") {
   SKV_REQUIRE_GPU();
   const std::uint64_t seed = skv_test::test_seed();
   CAPTURE(seed);
@@ -405,6 +449,16 @@ TEST_CASE("gpu: score_landmarks at 128K-context sizes (M_b ~ 17000, H_kv = 8) an
     c.m = {12000, 3};
     c.k = 1024;
     run_score_case<float>(c, rng, stream.get());
+  }
+  {
+    ScoreCase c;  // rows longer than the top-k kernel's shared-memory cache (32768 keys)
+    c.num_kv_heads = 1;
+    c.group = 4;
+    c.head_dim = 64;
+    c.m = {40000, 5000};
+    c.k = 300;
+    c.top_k_ctas = 1;  // one CTA per row: the row does not fit (a cluster splits it into slices that do)
+    run_score_case<bf16>(c, rng, stream.get());
   }
 }
 
@@ -446,8 +500,12 @@ TEST_CASE("gpu: select_top_k equals the CPU selection on ties, NaN, +-inf, +-0 a
       }
     DeviceBuffer<float> d_scores(scores.size());
     d_scores.upload(scores);
-    const std::vector<std::int32_t> got = gpu_top_k(d_scores.get(), capacity, m, offsets, hkv, k, stream.get());
-    CHECK(check_selection(scores, m, offsets, hkv, k, got) == 0);
+    for (const int ctas : {1, 8}) {  // one CTA per row; clusters (2 CTAs per row for these 55 rows)
+      CAPTURE(ctas);
+      const std::vector<std::int32_t> got =
+          gpu_top_k(d_scores.get(), capacity, m, offsets, hkv, k, stream.get(), ctas);
+      CHECK(check_selection(scores, m, offsets, hkv, k, got) == 0);
+    }
   }
 }
 
@@ -500,7 +558,7 @@ TEST_CASE("landmark ops: invalid arguments throw shadowkv::Error naming the argu
   CHECK(skv_test::error_message([] { (void)shadowkv::cuda::landmark_score_workspace_bytes(1, 6, 4, 10, 40); })
             .find("num_q_heads=6") != std::string::npos);
 
-  auto top_k_error = [&](auto&& edit) {
+  auto valid_top_k = [&] {  // the same rows as valid_score()'s
     shadowkv::cuda::TopKParams p;
     p.scores = dummy;
     p.num_landmarks = dummy_int;
@@ -511,6 +569,10 @@ TEST_CASE("landmark ops: invalid arguments throw shadowkv::Error naming the argu
     p.num_kv_heads = 2;
     p.k = 4;
     p.max_landmarks = 8;
+    return p;
+  };
+  auto top_k_error = [&](auto&& edit) {
+    auto p = valid_top_k();
     edit(p);
     return skv_test::error_message([&] { shadowkv::cuda::select_top_k(p, nullptr); });
   };
@@ -521,6 +583,25 @@ TEST_CASE("landmark ops: invalid arguments throw shadowkv::Error naming the argu
   CHECK(top_k_error([](K& p) { p.num_kv_heads = 0; }).find("num_kv_heads=0") != std::string::npos);
   CHECK(top_k_error([](K& p) { p.max_landmarks = -1; }).find("max_landmarks=-1") != std::string::npos);
   CHECK(top_k_error([](K& p) { p.selected = nullptr; }).find("selected must be non-null") != std::string::npos);
+  CHECK(top_k_error([](K& p) { p.max_ctas_per_row = 3; }).find("max_ctas_per_row=3") != std::string::npos);
+
+  // score_and_select_top_k: both parameter sets checked, and they must describe the same rows.
+  auto fused_error = [&](auto&& edit_score, auto&& edit_top_k) {
+    auto sp = valid_score();
+    sp.workspace = nullptr;
+    auto tp = valid_top_k();
+    edit_score(sp);
+    edit_top_k(tp);
+    return skv_test::error_message([&] { shadowkv::cuda::score_and_select_top_k(sp, tp, nullptr); });
+  };
+  auto same_p = [](P&) {};
+  auto same_k = [](K&) {};
+  CHECK(fused_error(same_p, [](K& p) { p.k = 0; }).find("k=0") != std::string::npos);
+  CHECK(fused_error([](P& p) { p.head_dim = 80; }, same_k).find("head_dim=80") != std::string::npos);
+  CHECK(fused_error(same_p, [](K& p) { p.max_landmarks = 9; }).find("must equal the scoring parameters") !=
+        std::string::npos);
+  CHECK(fused_error(same_p, [](K& p) { p.scores = dummy + 4; }).find("must equal the scoring parameters") !=
+        std::string::npos);
 
   // An empty batch is a no-op (and makes no CUDA call either).
   CHECK(score_error([](P& p) {
@@ -528,6 +609,7 @@ TEST_CASE("landmark ops: invalid arguments throw shadowkv::Error naming the argu
           p.workspace = nullptr;
         }) == "(no throw)");
   CHECK(top_k_error([](K& p) { p.batch = 0; }) == "(no throw)");
+  CHECK(fused_error([](P& p) { p.batch = 0; }, [](K& p) { p.batch = 0; }) == "(no throw)");
 }
 
 TEST_SUITE_END();

@@ -30,10 +30,10 @@ inline constexpr int kDecodeWarps = 4;  // warps of both split kernels
 /// a multiple of the float kernel's 4 warps x 8 rows per step).
 inline constexpr long long kRowsGranule = kDecodeWarps * 16;
 inline constexpr long long kMinRowsPerSplit = 256;
-/// CTAs of the tensor-core kernel resident at once on an H200 (2 per SM x 132 SMs at d <= 128),
-/// and the grid size aimed at: about 4 such waves, so that the tail of the last wave is short.
+/// CTAs of the tensor-core kernel resident at once on an H200 (2 per SM x 132 SMs at d <= 128).
 inline constexpr long long kResidentCtas = 264;
-inline constexpr long long kTargetCtas = 4 * kResidentCtas;
+/// The split planner's fixed cost of a wave of CTAs, in rows (see `plan_decode_attention`).
+inline constexpr long long kSplitOverheadRows = 256;
 
 inline int group_bound(int group) {
   for (int g : {1, 2, 4, 8, 16})
@@ -58,12 +58,16 @@ inline DecodeAttentionPlan make_plan(int batch, int num_q_heads, int head_dim, l
 }
 }  // namespace detail
 
-/// Validates the shapes and picks the split: at least `kTargetCtas` CTAs (about four waves of
-/// the tensor-core kernel on an H200) when the rows allow splits of 256 rows or more, choosing
-/// among the next few split counts the first whose CTAs fill the last wave to 95% or more (the
-/// fullest otherwise): in a dense batch every CTA holds the same rows, so a nearly empty last
-/// wave would run at a fraction of the bandwidth. `max_rows` bounds `KVSegments::total_rows()` over
-/// the batch (sequences with fewer rows leave their last splits empty).
+/// Validates the shapes and picks the split by a cost model of the grid: the CTAs run in
+/// `ceil(CTAs / kResidentCtas)` waves, and a wave lasts about as long as one CTA's rows plus
+/// a fixed cost (`kSplitOverheadRows`: the pipeline's fill and drain, the partials, the
+/// uneven finish of the CTAs of a wave). Among 1 .. `max_rows / kMinRowsPerSplit` splits it
+/// takes the one of least `waves * (rows_per_split + kSplitOverheadRows)`, the fewest splits
+/// on a tie. Measured on the H200 (bm_dense_splits, bm_shadowkv_attention_splits): one full
+/// wave beats several (B = 1, 128K rows: 32 splits 0.156 ms, 128 splits 0.212 ms; ShadowKV's
+/// ~2.5K rows at B = 8: 4 splits 39 us, 10 splits 47 us), while long dense rows at B = 8 vary
+/// by ~3% across 8 to 66 splits. `max_rows` bounds `KVSegments::total_rows()` over the batch
+/// (sequences with fewer rows leave their last splits empty).
 inline DecodeAttentionPlan plan_decode_attention(int batch, int num_q_heads, int num_kv_heads, int head_dim,
                                                  long long max_rows) {
   SHADOWKV_CHECK(batch > 0, "batch=", batch, " must be positive");
@@ -75,22 +79,21 @@ inline DecodeAttentionPlan plan_decode_attention(int batch, int num_q_heads, int
   check_kernel_head_dim(head_dim);
   SHADOWKV_CHECK(max_rows >= 0, "max_rows=", max_rows, " must be >= 0");
   const long long groups = static_cast<long long>(batch) * num_kv_heads;
-  const long long wanted = std::max<long long>(1, (detail::kTargetCtas + groups - 1) / groups);
   const long long most = std::max<long long>(1, (max_rows + detail::kMinRowsPerSplit - 1) / detail::kMinRowsPerSplit);
-  long long best_rows = detail::rows_for_splits(max_rows, std::min(wanted, most));
-  if (wanted < most) {
-    double best_fill = -1.0;
-    const long long last = std::min(most, wanted + wanted / 4 + 1);
-    for (long long s = wanted; s <= last; ++s) {
-      const long long rows = detail::rows_for_splits(max_rows, s);
-      const long long ctas = groups * std::max<long long>(1, (max_rows + rows - 1) / rows);
-      const long long waves = (ctas + detail::kResidentCtas - 1) / detail::kResidentCtas;
-      const double fill = static_cast<double>(ctas) / static_cast<double>(waves * detail::kResidentCtas);
-      if (fill > best_fill + 1e-9) {
-        best_fill = fill;
-        best_rows = rows;
-      }
-      if (fill >= 0.95) break;
+  long long best_rows = detail::rows_for_splits(max_rows, 1);
+  long long best_cost = -1;
+  for (long long s = 1; s <= most; ++s) {
+    // Every plan from here on costs at least groups * s * overhead / resident: stop once that
+    // exceeds the best.
+    if (best_cost >= 0 && groups * s * detail::kSplitOverheadRows > best_cost * detail::kResidentCtas) break;
+    const long long rows = detail::rows_for_splits(max_rows, s);
+    const long long splits = std::max<long long>(1, (max_rows + rows - 1) / rows);
+    if (splits < s) continue;  // the same plan as a smaller s (granule rounding)
+    const long long waves = (groups * splits + detail::kResidentCtas - 1) / detail::kResidentCtas;
+    const long long cost = waves * (rows + detail::kSplitOverheadRows);
+    if (best_cost < 0 || cost < best_cost) {
+      best_cost = cost;
+      best_rows = rows;
     }
   }
   return detail::make_plan(batch, num_q_heads, head_dim, max_rows, best_rows);

@@ -937,6 +937,16 @@ class SparseAttention<Policy, CudaBackend, T> {
       if (k > 0) {
         const auto* nlm = reinterpret_cast<const int*>(dev_ptr(nlm_off));
         const auto* soff = reinterpret_cast<const long long*>(dev_ptr(soff_off));
+        cuda::TopKParams tp;
+        tp.scores = scores;
+        tp.num_landmarks = nlm;
+        tp.score_offsets = soff;
+        tp.scores_capacity = score_total;
+        tp.selected = selected;
+        tp.batch = nb;
+        tp.num_kv_heads = hkv;
+        tp.k = k;
+        tp.max_landmarks = max_m;
         if constexpr (kOracle) {
           const auto* oseq = reinterpret_cast<const cuda::kernels::OracleSequence<D>*>(dev_ptr(oracle_off));
           float* lse = scores + score_total;
@@ -948,6 +958,7 @@ class SparseAttention<Policy, CudaBackend, T> {
           SHADOWKV_CUDA_CHECK_LAUNCH();
           cuda::kernels::oracle_scores_kernel<D><<<dim3(hkv, nb), 256, 0, stream>>>(oseq, hq, hkv, lse, scores);
           SHADOWKV_CUDA_CHECK_LAUNCH();
+          cuda::select_top_k(tp, stream);
         } else {
           cuda::LandmarkScoreParams<T> sp;
           sp.queries = q;
@@ -964,19 +975,10 @@ class SparseAttention<Policy, CudaBackend, T> {
           sp.scale = config_.scale();
           sp.workspace_bytes = score_ws_bytes;
           sp.workspace = score_ws;
-          cuda::score_landmarks(sp, stream, *allocator_);
+          // Scoring and top-k; the normalisation runs inside the top-k kernel where the batch has
+          // enough rows for that to pay (score_and_select_top_k).
+          cuda::score_and_select_top_k(sp, tp, stream, *allocator_);
         }
-        cuda::TopKParams tp;
-        tp.scores = scores;
-        tp.num_landmarks = nlm;
-        tp.score_offsets = soff;
-        tp.scores_capacity = score_total;
-        tp.selected = selected;
-        tp.batch = nb;
-        tp.num_kv_heads = hkv;
-        tp.k = k;
-        tp.max_landmarks = max_m;
-        cuda::select_top_k(tp, stream);
         if (selection_hook_) {
           cuda::SelectionHookArgs ha;
           ha.layer = current_layer_;

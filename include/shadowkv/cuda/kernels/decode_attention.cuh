@@ -430,6 +430,9 @@ __global__ void __launch_bounds__(kWarps * 32)
   // Issues the copies of this warp's tile `tile` into ring slot `slot` (warp-uniform call).
   // Copy `c` of a tile (lane + 32 i) is row c / kChunksPerRow, bytes 16 (c % kChunksPerRow):
   // a warp instruction covers 512 consecutive bytes of a contiguous tile.
+  // K and V are read once per step: evict-first in L2, so that they do not push out what is
+  // reused (the partials, the queries, the next kernels' inputs).
+  const uint64_t policy = l2_evict_first_policy();
   auto load_tile = [&](int tile, int slot) {
     const long long row0 = first_row + static_cast<long long>(tile) * warp_stride;
     const uint32_t k_dst = ring + static_cast<uint32_t>(slot * kStageBytes), v_dst = k_dst + kTileBytes;
@@ -441,8 +444,8 @@ __global__ void __launch_bounds__(kWarps * 32)
       for (int i = 0; i < Shape::kChunksPerLane; ++i) {
         const int c = lane + 32 * i;
         const uint32_t off = (c / kChunksPerRow) * kPitch + (c % kChunksPerRow) * 16;
-        cp_async_16(k_dst + off, ks + c * kElemsPerChunk, 16);
-        cp_async_16(v_dst + off, vs + c * kElemsPerChunk, 16);
+        cp_async_16(k_dst + off, ks + c * kElemsPerChunk, 16, policy);
+        cp_async_16(v_dst + off, vs + c * kElemsPerChunk, 16, policy);
       }
     } else {
       // Lane i (and i + 16) locates row row0 + i; nullptr past the split end. Row row0 is
@@ -459,8 +462,8 @@ __global__ void __launch_bounds__(kWarps * 32)
         const D* vp = shfl_pointer(v_row, r);
         const uint32_t off = r * kPitch + col * 16;
         const bool valid = kp != nullptr;
-        cp_async_16(k_dst + off, valid ? kp + col * kElemsPerChunk : k_first, valid ? 16 : 0);
-        cp_async_16(v_dst + off, valid ? vp + col * kElemsPerChunk : k_first, valid ? 16 : 0);
+        cp_async_16(k_dst + off, valid ? kp + col * kElemsPerChunk : k_first, valid ? 16 : 0, policy);
+        cp_async_16(v_dst + off, valid ? vp + col * kElemsPerChunk : k_first, valid ? 16 : 0, policy);
       }
     }
   };
@@ -603,22 +606,33 @@ __global__ void __launch_bounds__(kWarps * 32)
 /// Grid `batch * H_q`, `HD` threads (one per output element): merges the splits' partials
 /// and normalises. A head that saw no row writes zeros (as the CPU backend does).
 ///
+/// The splits' maxima come first (loads independent of each other), then one pass weights
+/// each split by `exp(m_s - max)`: no chain of loads through a running merge, so a head waits
+/// for memory about twice however many splits it has. With one split the result is the split's
+/// `acc / l`, bit for bit (its weight is exactly 1).
+///
 /// Performance: reads `num_splits * (HD + 2) * 4` bytes and writes `HD * sizeof(D)` per query
 /// head — a few percent of the split kernel's bytes when splits hold hundreds of rows.
 template <class D, int HD>
 __global__ void __launch_bounds__(HD) decode_attention_combine_kernel(const DecodeAttentionParams<D> p) {
   const long long qh = blockIdx.x;
   const int e = threadIdx.x;
-  device::SoftmaxState st = device::empty_softmax_state();
-  float a = 0.0f;
-  for (int s = 0; s < p.num_splits; ++s) {
-    float sa, sb;
-    const device::SoftmaxState other{p.partial_ml[(qh * p.num_splits + s) * 2],
-                                     p.partial_ml[(qh * p.num_splits + s) * 2 + 1]};
-    st = device::merge_softmax_state(st, other, sa, sb);
-    a = a * sa + p.partial_acc[(qh * p.num_splits + s) * HD + e] * sb;
+  const float* __restrict__ ml = p.partial_ml + qh * p.num_splits * 2;
+  const float* __restrict__ acc = p.partial_acc + qh * p.num_splits * HD + e;
+  float mx = -INFINITY;
+#pragma unroll 8
+  for (int s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, ml[2 * s]);
+  float l = 0.0f, a = 0.0f;
+  if (mx != -INFINITY) {
+#pragma unroll 8
+    for (int s = 0; s < p.num_splits; ++s) {
+      const float m_s = ml[2 * s];
+      const float w = m_s == -INFINITY ? 0.0f : expf(m_s - mx);  // an empty split weighs nothing
+      l += ml[2 * s + 1] * w;
+      a += acc[static_cast<long long>(s) * HD] * w;
+    }
   }
-  p.out[qh * HD + e] = from_float<D>(st.l > 0.0f ? a / st.l : 0.0f);
+  p.out[qh * HD + e] = from_float<D>(l > 0.0f ? a / l : 0.0f);
 }
 
 }  // namespace kernels

@@ -78,6 +78,9 @@ struct TopKParams {
   int num_kv_heads = 0;
   int k = 0;              ///< 1 ..= kMaxTopK
   int max_landmarks = 0;  ///< bound on every M_b
+  /// At most this many CTAs (a thread-block cluster, sm_90 and newer) share one row when the
+  /// rows are fewer than the SMs: 1, 2, 4 or 8 (1: one CTA per row).
+  int max_ctas_per_row = 8;
 };
 
 namespace kernels {
@@ -164,10 +167,13 @@ struct MmaLogitsShape {
   /// (pitch / 16 is odd for every supported head dim).
   static constexpr int kRowPitch = HD * 2 + 16;
   static constexpr int kStageBytes = kStageRows * kRowPitch;
-  /// Stages in each warp's ring, ~23-26 KB per warp (4 warps per CTA, two CTAs per SM); all
-  /// but one are in flight: 20 KB of landmarks per warp at d <= 128 (160 KB per SM), 16 KB at
-  /// d = 256 (128 KB per SM).
-  static constexpr int kStages = HD <= 64 ? 10 : HD <= 96 ? 7 : HD <= 128 ? 6 : 3;
+  /// Stages in each warp's ring; all but one are in flight. d = 128: 3 stages (13 KB per warp,
+  /// 52 KB per CTA), so that four CTAs (16 warps, the register limit at 117 registers) share an
+  /// SM with 8 KB of landmarks in flight per warp, 128 KB per SM. ncu on the H200 (B = 8, 128K
+  /// context) showed the kernel issue-bound at 6 stages and two CTAs per SM: 0.47 eligible warps
+  /// per scheduler, 66% of DRAM bandwidth. Other head dims keep ~23-26 KB per warp (two CTAs per
+  /// SM; d = 256: one), not yet re-measured.
+  static constexpr int kStages = HD <= 64 ? 10 : HD <= 96 ? 7 : HD <= 128 ? 3 : 3;
   static constexpr int kChunksPerRow = HD * 2 / 16;  ///< 16-byte copies per row
   static constexpr int kChunksPerLane = kStageRows * kChunksPerRow / 32;
   static constexpr int kKSteps = HD / 16;  ///< k16 steps of one stage's logits
@@ -338,6 +344,44 @@ __device__ __forceinline__ unsigned order_key(float x) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
+/// Largest group `G` whose row normalisers the fused top-k kernel keeps in shared memory
+/// (`select_top_k` with a `TopKNormalize`); larger groups take the separate normalize kernel.
+inline constexpr int kMaxFusedGroup = 64;
+
+/// Merges the partial softmax states of query head `j` over the `tiles` tiles of one row
+/// (`partials` `[tiles, G]`, stride `group`) across the 32 lanes of a warp: every lane returns
+/// the row's (max, sum of exp). Loads go 4 per lane at a time.
+__device__ __forceinline__ device::SoftmaxState merge_row_partials(const float2* __restrict__ partials, int tiles,
+                                                                    int group, int j, int lane) {
+  device::SoftmaxState st = device::empty_softmax_state();
+  for (int t = lane; t < tiles; t += 32 * 4) {
+    float2 pt[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      pt[u] = t + 32 * u < tiles ? partials[static_cast<long long>(t + 32 * u) * group + j] : make_float2(-INFINITY, 0.0f);
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      float sa, sb;
+      st = device::merge_softmax_state(st, device::SoftmaxState{pt[u].x, pt[u].y}, sa, sb);
+    }
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o /= 2) {
+    const device::SoftmaxState other{__shfl_xor_sync(0xffffffffu, st.m, o), __shfl_xor_sync(0xffffffffu, st.l, o)};
+    float sa, sb;
+    st = device::merge_softmax_state(st, other, sa, sb);
+  }
+  return st;
+}
+
+/// The score of a landmark from its logit `x` under query head `j`, given the row's
+/// normalisers: one softmax value. The normalize kernel and the fused top-k kernel both fold
+/// `score = max(score, softmax_value(...))` over j = 0, 1, ..., G-1 with this expression, so
+/// their scores are bit-identical.
+__device__ __forceinline__ float softmax_value(float x, float row_max, float row_sum) {
+  return expf(x - row_max) / row_sum;
+}
+
 /// Where the scoring workspace keeps what: the partial softmax states `[batch, H_kv,
 /// num_tiles, G]` (float2: max, sum of exp), then the logits of query heads 1..G-1 of each
 /// group (head 0's go straight into `scores`), sequence b's at `(G - 1) * score_offsets[b]`,
@@ -359,6 +403,62 @@ struct LandmarkScoreWorkspace {
   static std::size_t logit_bytes(int group, long long scores_capacity) {
     return align(static_cast<std::size_t>(group - 1) * static_cast<std::size_t>(scores_capacity) * sizeof(float));
   }
+};
+
+/// The most CTAs of a top-k cluster (the portable cluster size).
+inline constexpr int kMaxClusterCtas = 8;
+
+/// This CTA's place in its thread-block cluster (size 1, rank 0 without a cluster launch or
+/// below sm_90).
+struct ClusterRank {
+  int rank = 0;
+  int size = 1;
+};
+__device__ __forceinline__ ClusterRank cluster_rank() {
+  ClusterRank r;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  unsigned rank = 0, size = 1;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
+  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(size));
+  r.rank = static_cast<int>(rank);
+  r.size = static_cast<int>(size);
+#endif
+  return r;
+}
+/// A barrier over the cluster's threads with release/acquire ordering of shared memory
+/// (`__syncthreads` where there is no cluster).
+__device__ __forceinline__ void cluster_sync(const ClusterRank& cr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (cr.size > 1) {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+    asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+    return;
+  }
+#endif
+  (void)cr;
+  __syncthreads();
+}
+/// The address of `p` (this CTA's shared memory) in the shared memory of cluster CTA `rank`.
+template <class U>
+__device__ __forceinline__ const U* cluster_shared(const U* p, int rank, const ClusterRank& cr) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (cr.size > 1) {
+    const void* q = nullptr;
+    asm volatile("mapa.u64 %0, %1, %2;" : "=l"(q) : "l"(p), "r"(rank));
+    return static_cast<const U*>(q);
+  }
+#endif
+  (void)rank;
+  (void)cr;
+  return p;
+}
+
+/// What the fused top-k kernel (`landmark_top_k_kernel<NT, true>`) needs to finish the
+/// scoring itself: the logits kernel's workspace and the scores array it writes (which holds
+/// head 0's logits on entry and the scores on exit, as after the normalize kernel).
+struct TopKNormalize {
+  float* scores = nullptr;
+  LandmarkScoreWorkspace ws{};
 };
 
 }  // namespace landmark_detail
@@ -860,24 +960,7 @@ __global__ void __launch_bounds__(landmark_detail::kNormalizeThreads)
   const float2* __restrict__ partials =
       ws.partials + (static_cast<long long>(b) * p.num_kv_heads + h) * ws.num_tiles * group;
   for (int j = warp; j < group; j += kWarps) {
-    device::SoftmaxState st = device::empty_softmax_state();
-    for (int t = lane; t < tiles; t += 32 * 4) {
-      float2 pt[4];
-#pragma unroll
-      for (int u = 0; u < 4; ++u)
-        pt[u] = t + 32 * u < tiles ? partials[static_cast<long long>(t + 32 * u) * group + j] : make_float2(-INFINITY, 0.0f);
-#pragma unroll
-      for (int u = 0; u < 4; ++u) {
-        float sa, sb;
-        st = device::merge_softmax_state(st, device::SoftmaxState{pt[u].x, pt[u].y}, sa, sb);
-      }
-    }
-#pragma unroll
-    for (int o = 16; o > 0; o /= 2) {
-      const device::SoftmaxState other{__shfl_xor_sync(0xffffffffu, st.m, o), __shfl_xor_sync(0xffffffffu, st.l, o)};
-      float sa, sb;
-      st = device::merge_softmax_state(st, other, sa, sb);
-    }
+    const device::SoftmaxState st = merge_row_partials(partials, tiles, group, j, lane);
     if (lane == 0) {
       s_max[j] = st.m;
       s_sum[j] = st.l;
@@ -894,7 +977,7 @@ __global__ void __launch_bounds__(landmark_detail::kNormalizeThreads)
     score[u] = i < m ? row0[i] : 0.0f;
   }
 #pragma unroll
-  for (int u = 0; u < kPer; ++u) score[u] = expf(score[u] - s_max[0]) / s_sum[0];
+  for (int u = 0; u < kPer; ++u) score[u] = softmax_value(score[u], s_max[0], s_sum[0]);
   for (int j0 = 1; j0 < group; j0 += kHeads) {
     float v[kHeads][kPer];
 #pragma unroll
@@ -909,7 +992,7 @@ __global__ void __launch_bounds__(landmark_detail::kNormalizeThreads)
       if (j0 + jj < group)
 #pragma unroll
         for (int u = 0; u < kPer; ++u)
-          score[u] = fmaxf(score[u], expf(v[jj][u] - s_max[j0 + jj]) / s_sum[j0 + jj]);
+          score[u] = fmaxf(score[u], softmax_value(v[jj][u], s_max[j0 + jj], s_sum[j0 + jj]));
   }
 #pragma unroll
   for (int u = 0; u < kPer; ++u) {
@@ -918,70 +1001,155 @@ __global__ void __launch_bounds__(landmark_detail::kNormalizeThreads)
   }
 }
 
-/// Grid `(H_kv, batch)`, `NT` threads, one CTA per (sequence, KV head) row; dynamic shared
-/// memory caches up to `cache_capacity` keys (longer rows read their keys from global memory,
-/// i.e. L2, on each pass). Radix select, MSB first, 8 bits per pass: a histogram of the
-/// candidates' next digit in shared memory (the first one built while the keys are cached),
-/// one warp's scan finds the digit holding the k-th largest key; the passes stop early once
-/// that digit's candidates are exactly the ones still needed. Then one ordered compaction:
-/// an element is selected if its key prefix is above the found one, or equal and among the
-/// first `remaining` such in index order. Each warp owns a contiguous segment of the row,
-/// counts its (above, equal) elements, and after one barrier writes its selected indices at
-/// the offsets that the counts of the warps before it give (ranks within a warp by shuffle
-/// scans, skipped for steps of 128 elements holding none), so the row comes out ascending
-/// without a sort. Rows with `M_b <= k` take all indices without reading scores.
+/// Grid `(C * H_kv, batch)` in clusters of `C` CTAs (`C` in {1, 2, 4, 8}; 1 without a
+/// cluster launch), `NT` threads: the `C` CTAs of a cluster share one (sequence, KV head) row,
+/// CTA `r` owning the slice `[r * seg, (r + 1) * seg)` of it (`seg` a multiple of 128); dynamic
+/// shared memory caches up to `cache_capacity` keys of the slice (longer slices read their keys
+/// from global memory, i.e. L2, on each pass). Radix select, MSB first, 8 bits per pass: each
+/// CTA builds a histogram of its candidates' next digit in shared memory (the first one while
+/// the keys are cached), the cluster sums them over distributed shared memory, and one warp
+/// per CTA scans the sum for the digit holding the k-th largest key (every CTA finds the
+/// same); the passes stop early once that digit's candidates are exactly the ones still
+/// needed. Then one ordered compaction: an element is selected if its key prefix is above the
+/// found one, or equal and among the first `remaining` such in index order. Each warp owns a
+/// contiguous segment of its CTA's slice, counts its (above, equal) elements, and writes its
+/// selected indices at the offsets that the counts of the CTAs and warps before it give (ranks
+/// within a warp by shuffle scans, skipped for steps of 128 elements holding none), so the
+/// row comes out ascending without a sort. Rows with `M_b <= k` take all indices without
+/// reading scores.
+///
+/// With `kNormalize` the kernel first finishes the scoring (see `normalize_row`), so that
+/// `score_and_select_top_k` needs no normalize kernel.
 ///
 /// Performance: the floor is one read of the scores, `sum_b H_kv * M_b * 4` bytes, plus the
 /// `batch * H_kv * k * 4` bytes of indices written. The passes re-read the cached keys from
-/// shared memory (at most 3 + 2 times), so the kernel is bound by one SM's issue rate per row,
-/// not by HBM: ~14 us for rows of 16384 keys while batch * H_kv is below the SM count (then
-/// each row has an SM to itself), 47 us for 512 such rows. Splitting a row over a cluster of
-/// CTAs would cut the small-batch time; not done yet.
-template <int NT>
-__global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2) landmark_top_k_kernel(const TopKParams p, int cache_capacity) {
+/// shared memory (at most 3 + 2 times), so a CTA is bound by its SM's issue rate, not by HBM:
+/// one CTA per row took ~14 us for rows of 16384 keys (an SM per row), 47 us for 512 such
+/// rows; clusters spread a row over several SMs when the rows are fewer than the SMs.
+template <int NT, bool kNormalize = false>
+__global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2)
+    landmark_top_k_kernel(const TopKParams p, int cache_capacity, const landmark_detail::TopKNormalize norm) {
   using namespace landmark_detail;
+  static_assert(NT >= 256 && NT % 32 == 0, "a thread per histogram bin");
   constexpr int kWarps = NT / 32;
   extern __shared__ uint4 s_cache_raw[];
-  unsigned* s_keys = reinterpret_cast<unsigned*>(s_cache_raw);
+  unsigned* s_keys = reinterpret_cast<unsigned*>(s_cache_raw);  // keys of this CTA's slice
   __shared__ unsigned s_hist[256];
+  __shared__ unsigned s_cluster_hist[256];  // the histograms summed over the cluster
   __shared__ unsigned s_warp_above[kWarps], s_warp_equal[kWarps];
+  __shared__ unsigned s_cta_counts[2];  // this CTA's (above, equal) elements, read by the cluster
   __shared__ int s_bin, s_above, s_bin_count;
+  __shared__ float s_norm[kNormalize ? 2 * kMaxFusedGroup : 1];  // fused: [max of G heads, sum of G heads]
 
-  const int h = blockIdx.x, b = blockIdx.y;
+  const ClusterRank cr = cluster_rank();
+  const int h = blockIdx.x / cr.size, b = blockIdx.y;
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   const int m = p.num_landmarks[b];
   const long long off_b = p.score_offsets[b];
   check_row(m, off_b, p.num_kv_heads, p.max_landmarks, p.scores_capacity);
   const int kk = min(p.k, m);
   std::int32_t* out = p.selected + (static_cast<long long>(b) * p.num_kv_heads + h) * p.k;
-  if (kk == m) {  // every landmark is selected (M_b <= k)
-    for (int i = tid; i < p.k; i += NT) out[i] = i < m ? i : -1;
+  // This CTA's slice [lo, hi) of the row.
+  const int seg_cta = (m + cr.size * 128 - 1) / (cr.size * 128) * 128;
+  const int lo = min(m, cr.rank * seg_cta), hi = min(m, lo + seg_cta);
+  const bool cached = hi - lo <= cache_capacity;
+  for (int i = tid; i < 256; i += NT) s_hist[i] = 0u;
+
+  // Fused scoring of the slice: the row's normalisers from the logits kernel's partial states,
+  // then each landmark's score from its G logits (the normalize kernel's arithmetic, see
+  // softmax_value), written over head 0's logits in `scores` and, when the slice is cached,
+  // keyed into shared memory with its top digit counted. 4 landmarks per thread per step,
+  // their logits loaded 4 heads at a time (16 loads in flight; one round trip per step when
+  // G <= 4).
+  auto normalize_slice = [&](bool to_cache) {
+    if constexpr (kNormalize) {
+      const int group = norm.ws.group;
+      const int tiles = (m + norm.ws.tile_rows - 1) / norm.ws.tile_rows;
+      const float2* __restrict__ partials =
+          norm.ws.partials + (static_cast<long long>(b) * p.num_kv_heads + h) * norm.ws.num_tiles * group;
+      for (int j = warp; j < group; j += kWarps) {
+        const device::SoftmaxState st = merge_row_partials(partials, tiles, group, j, lane);
+        if (lane == 0) {
+          s_norm[j] = st.m;
+          s_norm[kMaxFusedGroup + j] = st.l;
+        }
+      }
+      __syncthreads();
+      float* __restrict__ row0 = norm.scores + off_b + static_cast<long long>(h) * m;
+      const float* __restrict__ rest =
+          norm.ws.logits + (group - 1) * off_b + static_cast<long long>(h) * (group - 1) * m;
+      constexpr int kPer = 4;  // landmarks per thread per step (64 registers at NT = 1024)
+      for (int base = lo; base < hi; base += NT * kPer) {
+        float score[kPer];
+        for (int j0 = 0; j0 < group; j0 += 4) {  // heads j0 .. j0 + 3: 16 loads in flight
+          float v[4][kPer];
+#pragma unroll
+          for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+            for (int u = 0; u < kPer; ++u) {
+              const int i = base + u * NT + tid, j = j0 + jj;
+              v[jj][u] = j < group && i < hi ? (j == 0 ? row0[i] : rest[static_cast<long long>(j - 1) * m + i]) : 0.0f;
+            }
+#pragma unroll
+          for (int jj = 0; jj < 4; ++jj) {
+            const int j = j0 + jj;
+            if (j >= group) break;
+#pragma unroll
+            for (int u = 0; u < kPer; ++u) {
+              const float x = softmax_value(v[jj][u], s_norm[j], s_norm[kMaxFusedGroup + j]);
+              score[u] = j == 0 ? x : fmaxf(score[u], x);
+            }
+          }
+        }
+#pragma unroll
+        for (int u = 0; u < kPer; ++u) {
+          const int i = base + u * NT + tid;
+          if (i < hi) {
+            row0[i] = score[u];
+            if (to_cache) {
+              const unsigned key = order_key(score[u]);
+              s_keys[i - lo] = key;
+              atomicAdd(&s_hist[key >> 24], 1u);
+            }
+          }
+        }
+      }
+    }
+  };
+
+  if (kk == m) {  // every landmark is selected (M_b <= k): no cluster exchange
+    if constexpr (kNormalize) normalize_slice(false);
+    if (cr.rank == 0)
+      for (int i = tid; i < p.k; i += NT) out[i] = i < m ? i : -1;
     return;
   }
 
   const float* __restrict__ row = p.scores + off_b + static_cast<long long>(h) * m;
-  const bool cached = m <= cache_capacity;
-  for (int i = tid; i < 256; i += NT) s_hist[i] = 0u;
   __syncthreads();
-  if (cached) {  // cache the keys and count their top digit; 8 loads in flight per thread
-    for (int base = 0; base < m; base += NT * 8) {
+  if constexpr (kNormalize) {
+    // Cached slices get their keys and top digit here; longer ones are read back from global
+    // memory by the passes below (visible to the whole CTA after the barrier).
+    normalize_slice(cached);
+    __syncthreads();
+  } else if (cached) {  // cache the keys and count their top digit; 8 loads in flight per thread
+    for (int base = lo; base < hi; base += NT * 8) {
       float v[8];
 #pragma unroll
-      for (int u = 0; u < 8; ++u) v[u] = base + u * NT + tid < m ? row[base + u * NT + tid] : 0.0f;
+      for (int u = 0; u < 8; ++u) v[u] = base + u * NT + tid < hi ? row[base + u * NT + tid] : 0.0f;
 #pragma unroll
       for (int u = 0; u < 8; ++u) {
         const int i = base + u * NT + tid;
-        if (i < m) {
+        if (i < hi) {
           const unsigned key = order_key(v[u]);
-          s_keys[i] = key;
+          s_keys[i - lo] = key;
           atomicAdd(&s_hist[key >> 24], 1u);
         }
       }
     }
   }
 
-  // The rest reads keys through `key_at` (and 4 at a time, aligned, through `key4_at`),
-  // compiled once for the shared-memory cache and once for global memory.
+  // The rest reads keys through `key_at` (and 4 at a time, aligned, through `key4_at`), by
+  // index in the row, compiled once for the shared-memory cache and once for global memory.
   auto select = [&](auto key_at, auto key4_at, bool top_digit_counted) {
     // Radix select: after each pass, keys whose masked top bits exceed `prefix` are selected
     // for sure; `remaining` more are needed among those equal to it.
@@ -989,27 +1157,41 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2) landmark_top_k_kernel(
     int remaining = kk;
     for (int shift = 24;; shift -= 8) {
       if (!(top_digit_counted && shift == 24)) {
-        for (int first = tid * kTopKItems; first < m; first += NT * kTopKItems) {
+        for (int first = lo + tid * kTopKItems; first < hi; first += NT * kTopKItems) {
           unsigned keys[kTopKItems];
-          if (first + kTopKItems <= m) {
+          if (first + kTopKItems <= hi) {
             key4_at(first, keys);
           } else {
 #pragma unroll
-            for (int q = 0; q < kTopKItems; ++q) keys[q] = first + q < m ? key_at(first + q) : 0u;
+            for (int q = 0; q < kTopKItems; ++q) keys[q] = first + q < hi ? key_at(first + q) : 0u;
           }
 #pragma unroll
           for (int q = 0; q < kTopKItems; ++q)
-            if (first + q < m && (keys[q] & mask) == prefix) atomicAdd(&s_hist[(keys[q] >> shift) & 0xffu], 1u);
+            if (first + q < hi && (keys[q] & mask) == prefix) atomicAdd(&s_hist[(keys[q] >> shift) & 0xffu], 1u);
         }
       }
       __syncthreads();
+      const unsigned* hist = s_hist;
+      if (cr.size > 1) {
+        cluster_sync(cr);  // every CTA's histogram of this pass is complete
+        // The cluster's histogram: thread t < 256 sums bin t over the CTAs (independent loads).
+        if (tid < 256) {
+          unsigned sum = 0u;
+#pragma unroll
+          for (int r = 0; r < kMaxClusterCtas; ++r)
+            if (r < cr.size) sum += cluster_shared(s_hist, r, cr)[tid];
+          s_cluster_hist[tid] = sum;
+        }
+        __syncthreads();
+        hist = s_cluster_hist;
+      }
       if (warp == 0) {
         // Lane l owns bins 255 - 8l down to 248 - 8l; an inclusive scan over lanes counts the
         // candidates from the top bin down.
         unsigned c[8], total = 0u;
 #pragma unroll
         for (int q = 0; q < 8; ++q) {
-          c[q] = s_hist[255 - 8 * lane - q];
+          c[q] = hist[255 - 8 * lane - q];
           total += c[q];
         }
         unsigned incl = total;
@@ -1038,9 +1220,11 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2) landmark_top_k_kernel(
       prefix |= static_cast<unsigned>(s_bin) << shift;
       mask |= 0xffu << shift;
       remaining -= s_above;
-      // Done once the found digit's candidates are exactly the ones still needed.
+      // Done once the found digit's candidates are exactly the ones still needed (the same
+      // decision in every CTA of the cluster).
       if (s_bin_count == remaining || shift == 0) break;
-      for (int i = tid; i < 256; i += NT) s_hist[i] = 0u;  // warp 0 read it before the barrier
+      if (cr.size > 1) cluster_sync(cr);  // every CTA has read this CTA's histogram before it is cleared
+      for (int i = tid; i < 256; i += NT) s_hist[i] = 0u;
       __syncthreads();
     }
 
@@ -1049,8 +1233,8 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2) landmark_top_k_kernel(
     // so a step with none costs one vote; only steps with some rank them.
     const unsigned need = static_cast<unsigned>(remaining);
     const unsigned need_above = static_cast<unsigned>(kk - remaining);
-    const int seg = (m + kWarps * 128 - 1) / (kWarps * 128) * 128;
-    const int seg_begin = min(m, warp * seg), seg_end = min(m, seg_begin + seg);
+    const int seg = (hi - lo + kWarps * 128 - 1) / (kWarps * 128) * 128;
+    const int seg_begin = min(hi, lo + warp * seg), seg_end = min(hi, seg_begin + seg);
     // Per lane, bit q of `above_bits` / `equal_bits`: element first + q is above / equal.
     auto classify = [&](int first, unsigned& above_bits, unsigned& equal_bits) {
       unsigned keys[kTopKItems];
@@ -1086,8 +1270,28 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2) landmark_top_k_kernel(
       s_warp_equal[warp] = n_equal;
     }
     __syncthreads();
-    // Counts of the warps before this one: lane l holds warp l's, summed where l < warp.
-    unsigned above = lane < warp ? s_warp_above[lane] : 0u, equal = lane < warp ? s_warp_equal[lane] : 0u;
+    if (tid == 0) {
+      unsigned a = 0u, e = 0u;
+      for (int w = 0; w < kWarps; ++w) {
+        a += s_warp_above[w];
+        e += s_warp_equal[w];
+      }
+      s_cta_counts[0] = a;
+      s_cta_counts[1] = e;
+    }
+    cluster_sync(cr);  // every CTA's counts (and, without a cluster, the warps') are in place
+    // Counts before this warp: of the CTAs before this one (lane r < rank holds CTA r's), then
+    // of the warps before it in this CTA (lane w < warp holds warp w's).
+    unsigned above = 0u, equal = 0u;
+    if (lane < cr.rank) {
+      const unsigned* counts = cluster_shared(s_cta_counts, lane, cr);
+      above = counts[0];
+      equal = counts[1];
+    }
+    if (lane < warp) {
+      above += s_warp_above[lane];
+      equal += s_warp_equal[lane];
+    }
 #pragma unroll
     for (int o = 16; o > 0; o /= 2) {
       above += __shfl_xor_sync(0xffffffffu, above, o);
@@ -1125,11 +1329,12 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2) landmark_top_k_kernel(
       above += __shfl_sync(0xffffffffu, incl_above, 31);
       equal += __shfl_sync(0xffffffffu, incl_equal, 31);
     }
+    if (cr.size > 1) cluster_sync(cr);  // no CTA leaves while another may still read its shared memory
   };
   if (cached) {
-    select([&](int i) { return s_keys[i]; },
+    select([&](int i) { return s_keys[i - lo]; },
            [&](int i, unsigned(&k4)[kTopKItems]) {
-             const uint4 v = reinterpret_cast<const uint4*>(s_keys)[i / kTopKItems];
+             const uint4 v = reinterpret_cast<const uint4*>(s_keys)[(i - lo) / kTopKItems];
              k4[0] = v.x;
              k4[1] = v.y;
              k4[2] = v.z;
@@ -1144,7 +1349,8 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2) landmark_top_k_kernel(
            },
            false);
   }
-  for (int i = kk + tid; i < p.k; i += NT) out[i] = -1;
+  if (cr.rank == 0)
+    for (int i = kk + tid; i < p.k; i += NT) out[i] = -1;
 }
 
 }  // namespace kernels
