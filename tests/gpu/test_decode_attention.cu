@@ -5,7 +5,10 @@
 // cases also cover G that is not a power of two, chunk sizes that straddle tiles and splits,
 // and rows that are not multiples of the tile.
 
+#include <algorithm>
 #include <numeric>
+#include <random>
+#include <vector>
 
 #include <shadowkv/cpu/attention.hpp>
 
@@ -263,6 +266,41 @@ TEST_CASE("gpu_decode_attention: long rows need many splits (dense-like)") {
   check_case<bf16>(seed, 1, 8, 2, 256, 50000, 100, 0);
   check_case<fp16>(seed, 2, 24, 2, 96, 20000, 50, 64, 37);  // G = 12, chunks of 37 across splits
   check_case<bf16>(seed, 1, 3, 1, 64, 1000, 100, 700, 48);  // G = 3, mostly long chunks
+}
+
+TEST_CASE("gpu_decode_attention: the split planner takes the cheapest plan of its wave cost model") {
+  // No SKV_REQUIRE_GPU: planning makes no CUDA call. The planner searches only the largest
+  // split count of each wave count (or, for many groups, stops early); every split count from
+  // 1 to max_rows / 256 is tried here and none may cost less than the plan.
+  namespace d = skc::detail;
+  auto cost = [](long long groups, long long max_rows, long long rows) {
+    const long long splits = std::max<long long>(1, (max_rows + rows - 1) / rows);
+    return (groups * splits + d::kResidentCtas - 1) / d::kResidentCtas * (rows + d::kSplitOverheadRows);
+  };
+  std::mt19937_64 rng(skv_test::test_seed());
+  std::uniform_int_distribution<int> pick_batch(1, 80), pick_heads(1, 8);
+  std::uniform_int_distribution<long long> pick_rows(0, 600000);
+  for (int trial = 0; trial < 300; ++trial) {
+    const int batch = pick_batch(rng), hkv = pick_heads(rng);
+    const long long max_rows = trial < 4 ? std::vector<long long>{0, 1, 257, 1048576}[trial] : pick_rows(rng);
+    CAPTURE(batch);
+    CAPTURE(hkv);
+    CAPTURE(max_rows);
+    const auto plan = skc::plan_decode_attention(batch, 2 * hkv, hkv, 128, max_rows);
+    REQUIRE(plan.num_splits >= 1);
+    CHECK(plan.rows_per_split * plan.num_splits >= max_rows);
+    const long long groups = static_cast<long long>(batch) * hkv;
+    const long long chosen = cost(groups, max_rows, plan.rows_per_split);
+    const long long most = std::max<long long>(1, (max_rows + d::kMinRowsPerSplit - 1) / d::kMinRowsPerSplit);
+    long long cheapest = chosen;
+    for (long long s = 1; s <= most; ++s) cheapest = std::min(cheapest, cost(groups, max_rows, d::rows_for_splits(max_rows, s)));
+    CHECK(chosen == cheapest);
+  }
+  // The shapes measured on the H200 (docs/benchmarks.md): one full wave of CTAs.
+  CHECK(skc::plan_decode_attention(1, 32, 8, 128, 131072).num_splits == 33);  // dense, B = 1, 128K
+  CHECK(skc::plan_decode_attention(8, 32, 8, 128, 131072).num_splits == 4);   // dense, B = 8, 128K
+  CHECK(skc::plan_decode_attention(8, 32, 8, 128, 2496).num_splits == 4);     // ShadowKV's selection, B = 8
+  CHECK(skc::plan_decode_attention(1, 32, 8, 128, 256).num_splits == 1);      // never splits 256 rows
 }
 
 TEST_CASE("gpu_decode_attention: invalid shapes throw naming them, before any CUDA call") {

@@ -82,18 +82,30 @@ inline DecodeAttentionPlan plan_decode_attention(int batch, int num_q_heads, int
   const long long most = std::max<long long>(1, (max_rows + detail::kMinRowsPerSplit - 1) / detail::kMinRowsPerSplit);
   long long best_rows = detail::rows_for_splits(max_rows, 1);
   long long best_cost = -1;
-  for (long long s = 1; s <= most; ++s) {
-    // Every plan from here on costs at least groups * s * overhead / resident: stop once that
-    // exceeds the best.
-    if (best_cost >= 0 && groups * s * detail::kSplitOverheadRows > best_cost * detail::kResidentCtas) break;
+  auto consider = [&](long long s) {
     const long long rows = detail::rows_for_splits(max_rows, s);
     const long long splits = std::max<long long>(1, (max_rows + rows - 1) / rows);
-    if (splits < s) continue;  // the same plan as a smaller s (granule rounding)
     const long long waves = (groups * splits + detail::kResidentCtas - 1) / detail::kResidentCtas;
     const long long cost = waves * (rows + detail::kSplitOverheadRows);
     if (best_cost < 0 || cost < best_cost) {
       best_cost = cost;
       best_rows = rows;
+    }
+  };
+  if (groups < detail::kResidentCtas) {
+    // Within a wave count the most splits cost least, so only the largest s of each count is
+    // a candidate: about groups * most / resident of them, not most.
+    for (long long w = 1;; ++w) {
+      if (best_cost >= 0 && w * detail::kSplitOverheadRows > best_cost) break;  // a plan of w waves costs more
+      const long long s = std::min(most, std::max<long long>(1, w * detail::kResidentCtas / groups));
+      consider(s);
+      if (s == most) break;
+    }
+  } else {
+    for (long long s = 1; s <= most; ++s) {
+      // Every plan from here on costs at least groups * s * overhead / resident.
+      if (best_cost >= 0 && groups * s * detail::kSplitOverheadRows > best_cost * detail::kResidentCtas) break;
+      consider(s);
     }
   }
   return detail::make_plan(batch, num_q_heads, head_dim, max_rows, best_rows);

@@ -111,7 +111,7 @@ void launch_top_k(const TopKParams& p, const DeviceInfo& dev, long long rows, cu
                   const kernels::landmark_detail::TopKNormalize& norm) {
   constexpr auto kernel = kernels::landmark_top_k_kernel<NT, kNormalize>;
   // Once per device: the keys a CTA can cache (bits 0-19) and how many clusters of 2, 4 and 8
-  // CTAs can be resident at once (bits 20-29, 30-39, 40-49; 0 below sm_90).
+  // CTAs can be resident at once (bits 20-29, 30-39, 40-49; 0 without cluster support).
   const long long setting = kernel_setting_per_device<kernel>([&](int) {
     constexpr int kMaxCached = 32768;
     cudaFuncAttributes attr{};
@@ -122,7 +122,10 @@ void launch_top_k(const TopKParams& p, const DeviceInfo& dev, long long rows, cu
     const int keys = room > 0 ? std::min(room / 16 * 4, kMaxCached) : 0;
     SHADOWKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, keys * 4 + 512));
     long long value = keys;
-    if (dev.cc_major >= 9)
+    // Clusters need the device (sm_90+) and this kernel compiled for it: its cluster code exists
+    // only for __CUDA_ARCH__ >= 900, i.e. PTX version 9.0 and up (a build for an older
+    // architecture, JIT-compiled here, keeps one CTA per row).
+    if (dev.cc_major >= 9 && attr.ptxVersion >= 90)
       for (int c = 2, shift = 20; c <= kernels::landmark_detail::kMaxClusterCtas; c *= 2, shift += 10) {
         cudaLaunchConfig_t config{};
         config.gridDim = dim3(static_cast<unsigned>(c));
