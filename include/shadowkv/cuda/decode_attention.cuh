@@ -14,6 +14,7 @@
 #include "dispatch.cuh"
 #include "error.cuh"
 #include "kernels/decode_attention.cuh"
+#include "launch.cuh"
 
 namespace shadowkv::cuda {
 
@@ -165,7 +166,7 @@ void decode_attention(const float* queries, const KVSegments<D>* segments, D* ou
   SHADOWKV_DISPATCH_HEAD_DIM(head_dim, HD, [&] {
     if constexpr (sizeof(D) == 2) {
       // bf16 / fp16: the tensor-core kernel (any G <= 16: query heads are MMA rows).
-      auto* kernel = kernels::decode_attention_mma_kernel<D, HD, W>;
+      constexpr auto kernel = kernels::decode_attention_mma_kernel<D, HD, W>;
       constexpr std::size_t smem = kernels::mma_decode_smem_bytes<HD, W>();
       SHADOWKV_CUDA_CHECK(
           cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
@@ -173,18 +174,16 @@ void decode_attention(const float* queries, const KVSegments<D>* segments, D* ou
       // about 210 KB, and the copies bypass L1 (cp.async.cg).
       SHADOWKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                                cudaSharedmemCarveoutMaxShared));
-      kernel<<<grid, W * 32, smem, stream>>>(p, group);
-      SHADOWKV_CUDA_CHECK_LAUNCH();
+      launch_kernel<kernel>(grid, dim3(W * 32), smem, stream, LaunchAfter::previous_kernel_starts, 1u, p, group);
     } else {
       // float: the CUDA-core kernel, its register arrays sized by G rounded up to a power of 2.
       auto launch = [&]<int GMAX>() {
-        auto* kernel = kernels::decode_attention_split_kernel<D, HD, GMAX, W>;
+        constexpr auto kernel = kernels::decode_attention_split_kernel<D, HD, GMAX, W>;
         const std::size_t smem = static_cast<std::size_t>(W) * GMAX * (HD + 2) * sizeof(float);
         if (smem > 48 * 1024)
           SHADOWKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                    static_cast<int>(smem)));
-        kernel<<<grid, W * 32, smem, stream>>>(p, group);
-        SHADOWKV_CUDA_CHECK_LAUNCH();
+        launch_kernel<kernel>(grid, dim3(W * 32), smem, stream, LaunchAfter::previous_kernel_starts, 1u, p, group);
       };
       switch (detail::group_bound(group)) {
         case 1: launch.template operator()<1>(); break;
@@ -194,8 +193,8 @@ void decode_attention(const float* queries, const KVSegments<D>* segments, D* ou
         default: launch.template operator()<16>(); break;
       }
     }
-    kernels::decode_attention_combine_kernel<D, HD><<<static_cast<unsigned>(heads), HD, 0, stream>>>(p);
-    SHADOWKV_CUDA_CHECK_LAUNCH();
+    launch_kernel<kernels::decode_attention_combine_kernel<D, HD>>(dim3(static_cast<unsigned>(heads)), dim3(HD), 0,
+                                                                  stream, LaunchAfter::previous_kernel_starts, 1u, p);
   });
 }
 

@@ -24,6 +24,7 @@
 #include "dispatch.cuh"
 #include "error.cuh"
 #include "kernels/landmark_select.cuh"
+#include "launch.cuh"
 #include "memory.cuh"
 
 namespace shadowkv::cuda {
@@ -162,22 +163,10 @@ void launch_top_k(const TopKParams& p, const DeviceInfo& dev, long long rows, cu
   // Padded by 128 keys: the compiler may merge the kernel's guarded tail reads of 4 keys into
   // one (speculative) vector load, which must stay inside the allocation.
   const std::size_t smem = (static_cast<std::size_t>(cache) + 3) / 4 * 16 + 512;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(static_cast<unsigned>(p.num_kv_heads * ctas), static_cast<unsigned>(p.batch));
-  config.blockDim = dim3(NT);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute cluster{};
-  if (ctas > 1) {
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = static_cast<unsigned>(ctas);
-    cluster.val.clusterDim.y = 1;
-    cluster.val.clusterDim.z = 1;
-    config.attrs = &cluster;
-    config.numAttrs = 1;
-  }
-  SHADOWKV_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, p, cache, norm));
-  SHADOWKV_CUDA_CHECK_LAUNCH();
+  // The kernel waits for the previous grid before touching memory, so it may be resident while
+  // the logits kernel (or any other) finishes.
+  launch_kernel<kernel>(dim3(static_cast<unsigned>(p.num_kv_heads * ctas), static_cast<unsigned>(p.batch)), dim3(NT),
+                        smem, stream, LaunchAfter::previous_kernel_starts, static_cast<unsigned>(ctas), p, cache, norm);
 }
 
 /// `select_top_k`'s checks, before any CUDA call.
@@ -289,8 +278,8 @@ ScoreLaunch launch_logits(const LandmarkScoreParams<T>& p, cudaStream_t stream, 
           static_cast<long long>(per_sm) * device_info().sm_count * kd::kMmaLogitsWarps;
       const long long warps = items < resident_warps ? items : resident_warps;
       const unsigned grid = static_cast<unsigned>((warps + kd::kMmaLogitsWarps - 1) / kd::kMmaLogitsWarps);
-      kernel<<<grid, kThreads, S::kSmemBytes, stream>>>(p, ws);
-      SHADOWKV_CUDA_CHECK_LAUNCH();
+      launch_kernel<kernel>(dim3(grid), dim3(kThreads), S::kSmemBytes, stream, LaunchAfter::previous_kernel_starts, 1u,
+                            p, ws);
     } else {  // float landmarks: float queries and CUDA-core FMAs
       auto launch = [&]<int GB>() {
         using L = kd::LogitsLayout<device_t<T>, HD, GB>;
@@ -301,8 +290,8 @@ ScoreLaunch launch_logits(const LandmarkScoreParams<T>& p, cudaStream_t stream, 
         const long long items = static_cast<long long>(ws.num_tiles) * p.num_kv_heads * head_blocks * p.batch;
         const long long resident = static_cast<long long>(per_sm) * device_info().sm_count;
         const unsigned grid = static_cast<unsigned>(items < resident ? items : resident);
-        kernel<<<grid, kd::kLogitsThreads, L::kSmemBytes, stream>>>(p, ws);
-        SHADOWKV_CUDA_CHECK_LAUNCH();
+        launch_kernel<kernel>(dim3(grid), dim3(kd::kLogitsThreads), L::kSmemBytes, stream,
+                              LaunchAfter::previous_kernel_starts, 1u, p, ws);
       };
       switch (gb) {
         case 1: launch.template operator()<1>(); break;
@@ -323,8 +312,8 @@ void launch_normalize(const LandmarkScoreParams<T>& p, const kernels::landmark_d
   namespace kd = kernels::landmark_detail;
   const dim3 grid(static_cast<unsigned>((p.max_landmarks + kd::kNormalizeTile - 1) / kd::kNormalizeTile),
                   static_cast<unsigned>(p.num_kv_heads), static_cast<unsigned>(p.batch));
-  kernels::landmark_normalize_kernel<T><<<grid, kd::kNormalizeThreads, 2 * ws.group * sizeof(float), stream>>>(p, ws);
-  SHADOWKV_CUDA_CHECK_LAUNCH();
+  launch_kernel<kernels::landmark_normalize_kernel<T>>(grid, dim3(kd::kNormalizeThreads), 2 * ws.group * sizeof(float),
+                                                       stream, LaunchAfter::previous_kernel_starts, 1u, p, ws);
 }
 
 }  // namespace landmark_launch

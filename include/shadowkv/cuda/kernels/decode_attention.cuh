@@ -16,6 +16,7 @@
 
 #include "../../device/softmax.hpp"
 #include "../types.cuh"
+#include "grid_dependency.cuh"
 #include "mma_util.cuh"
 
 namespace shadowkv::cuda {
@@ -158,6 +159,8 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int SUB = 32 / TPR;
   constexpr int kRowsPerLane = 2;
   constexpr int kRowsPerWarpStep = SUB * kRowsPerLane;
+  wait_for_previous_grids();  // launched overlapping the kernel before it (cuda/decode_attention.cuh)
+  allow_next_grid();          // the combine kernel
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int sub = lane / TPR, sl = lane % TPR;
   const int seq_head = blockIdx.y;  // b * H_kv + h
@@ -402,6 +405,8 @@ __global__ void __launch_bounds__(kWarps * 32)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // cp.async, ldmatrix and bf16 mma need sm_80 or newer
 #else
+  wait_for_previous_grids();  // launched overlapping the kernel before it (cuda/decode_attention.cuh)
+  allow_next_grid();          // the combine kernel
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int qr = lane / 4, qc = lane % 4;
   const int seq_head = blockIdx.y;  // b * H_kv + h
@@ -615,6 +620,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 /// head — a few percent of the split kernel's bytes when splits hold hundreds of rows.
 template <class D, int HD>
 __global__ void __launch_bounds__(HD) decode_attention_combine_kernel(const DecodeAttentionParams<D> p) {
+  wait_for_previous_grids();  // launched overlapping the split kernel
   const long long qh = blockIdx.x;
   const int e = threadIdx.x;
   const float* __restrict__ ml = p.partial_ml + qh * p.num_splits * 2;

@@ -35,6 +35,8 @@
 #include "../../core/dtype.hpp"
 #include "../../device/softmax.hpp"
 #include "../types.cuh"
+#include "cluster.cuh"
+#include "grid_dependency.cuh"
 #include "mma_util.cuh"
 
 namespace shadowkv::cuda {
@@ -408,51 +410,6 @@ struct LandmarkScoreWorkspace {
 /// The most CTAs of a top-k cluster (the portable cluster size).
 inline constexpr int kMaxClusterCtas = 8;
 
-/// This CTA's place in its thread-block cluster (size 1, rank 0 without a cluster launch or
-/// below sm_90).
-struct ClusterRank {
-  int rank = 0;
-  int size = 1;
-};
-__device__ __forceinline__ ClusterRank cluster_rank() {
-  ClusterRank r;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  unsigned rank = 0, size = 1;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(rank));
-  asm volatile("mov.u32 %0, %%cluster_nctarank;" : "=r"(size));
-  r.rank = static_cast<int>(rank);
-  r.size = static_cast<int>(size);
-#endif
-  return r;
-}
-/// A barrier over the cluster's threads with release/acquire ordering of shared memory
-/// (`__syncthreads` where there is no cluster).
-__device__ __forceinline__ void cluster_sync(const ClusterRank& cr) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (cr.size > 1) {
-    asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
-    asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-    return;
-  }
-#endif
-  (void)cr;
-  __syncthreads();
-}
-/// The address of `p` (this CTA's shared memory) in the shared memory of cluster CTA `rank`.
-template <class U>
-__device__ __forceinline__ const U* cluster_shared(const U* p, int rank, const ClusterRank& cr) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  if (cr.size > 1) {
-    const void* q = nullptr;
-    asm volatile("mapa.u64 %0, %1, %2;" : "=l"(q) : "l"(p), "r"(rank));
-    return static_cast<const U*>(q);
-  }
-#endif
-  (void)rank;
-  (void)cr;
-  return p;
-}
-
 /// What the fused top-k kernel (`landmark_top_k_kernel<NT, true>`) needs to finish the
 /// scoring itself: the logits kernel's workspace and the scores array it writes (which holds
 /// head 0's logits on entry and the scores on exit, as after the normalize kernel).
@@ -490,6 +447,8 @@ __global__ void __launch_bounds__(landmark_detail::kLogitsThreads)
   using D = device_t<T>;
   using L = LogitsLayout<D, HD, GB>;
   constexpr int kWarps = kLogitsThreads / 32;
+  wait_for_previous_grids();  // launched overlapping the kernel before it (landmark_ops.cuh)
+  allow_next_grid();          // the normalize or top-k kernel may take SMs as this grid's CTAs retire
   extern __shared__ uint4 s_dyn[];  // [2][kTileRows * kRowBytes] landmark stages, then [GB][kTileRows] logits
   unsigned char* s_stage = reinterpret_cast<unsigned char*>(s_dyn);
   float(*s_logits)[L::kTileRows] = reinterpret_cast<float(*)[L::kTileRows]>(s_stage + 2 * L::kTileBytes);
@@ -697,7 +656,7 @@ __global__ void __launch_bounds__(landmark_detail::kLogitsThreads)
 /// x 8 KV heads x 16K landmarks at d = 128); the logits add `sum_b H_q * M_b * 4` bytes written
 /// (1/16 of the landmark bytes at G = 4, d = 128), the partials `8 / 64` bytes per landmark
 /// and query head. Per 16 landmarks a warp issues `HD / 16` copies per lane, `HD / 16`
-/// `ldmatrix` and `HD / 8` MMAs, 5 `expf` and 4 stores per lane (twice that when G > 8): by
+/// `ldmatrix` and `HD / 8` MMAs, 5 `expf` and 2 float2 stores per lane (twice that when G > 8): by
 /// count, well under a tenth of an SM's issue slots at HBM speed (not yet profiled), so the
 /// kernel should be bound by the bytes in flight (`(kStages - 1) * 16 * HD * 2` bytes per
 /// warp, 160 KB per SM at d = 128, where ~30 KB per SM covers the latency at 4 TB/s).
@@ -719,6 +678,8 @@ __global__ void __launch_bounds__(landmark_detail::kMmaLogitsWarps * 32)
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
   __trap();  // cp.async, ldmatrix and bf16 mma need sm_80 or newer
 #else
+  wait_for_previous_grids();  // launched overlapping the kernel before it (landmark_ops.cuh)
+  allow_next_grid();          // the normalize or top-k kernel may take SMs as this grid's CTAs retire
   extern __shared__ uint4 s_ring_raw[];  // [kMmaLogitsWarps][kStages][kRows][kPitch bytes]
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int qr = lane / 4, qc = lane % 4;
@@ -732,20 +693,35 @@ __global__ void __launch_bounds__(landmark_detail::kMmaLogitsWarps * 32)
   const int w_end = static_cast<int>(items * (global_warp + 1) / warps_total);
 
   // A cursor over this warp's ring stages: item w -> (tile, y = h * head_blocks + block, b),
-  // then the item's stages of 16 landmarks. Every field is warp-uniform.
+  // then the item's stages of 16 landmarks. Every field is warp-uniform. Sequence b's M_b,
+  // score offset and landmark pointer are read when b changes, not per item (ncu on the H200,
+  // B = 8, 128K: those dependent loads drew ~20% of the warps' stall samples when every item
+  // re-read them, though the kernel's time barely moved without them).
   struct Cursor {
     int w, tile, y, b, m;   // item index, its tile / row / sequence, M_b
     int h, head0, n_valid;  // KV head, first query head of the block, landmarks of the item
     int sub;                // stage within the item
-    long long off_b;
-    const D* src;  // the item's first landmark row
+    long long off_b;        // sequence b's score offset
+    const D* seq;           // sequence b's landmarks
+    const D* src;           // the item's first landmark row
+  };
+  auto load_sequence = [&](Cursor& c) {
+    c.m = 0;
+    if (c.b >= p.batch) return;
+    c.m = p.num_landmarks[c.b];
+    c.off_b = p.score_offsets[c.b];
+    c.seq = reinterpret_cast<const D*>(p.landmarks[c.b]);
+    if (c.m > 0) {  // a sequence with items
+      check_row(c.m, c.off_b, p.num_kv_heads, p.max_landmarks, p.scores_capacity);
+      require(reinterpret_cast<std::uintptr_t>(c.seq) % 16 == 0);
+    }
   };
   auto next_row = [&](Cursor& c) {
     c.tile = 0;
     if (++c.y == rows_y) {
       c.y = 0;
       ++c.b;
-      c.m = c.b < p.batch ? p.num_landmarks[c.b] : 0;
+      load_sequence(c);
     }
   };
   auto seek = [&](Cursor& c) {  // to the first stage of the first valid item at or after c.w
@@ -755,11 +731,7 @@ __global__ void __launch_bounds__(landmark_detail::kMmaLogitsWarps * 32)
         c.h = c.y / head_blocks;
         c.head0 = (c.y - c.h * head_blocks) * kMmaHeads;
         c.n_valid = min(kTile, c.m - c.tile * kTile);
-        c.off_b = p.score_offsets[c.b];
-        check_row(c.m, c.off_b, p.num_kv_heads, p.max_landmarks, p.scores_capacity);
-        const D* seq = reinterpret_cast<const D*>(p.landmarks[c.b]);
-        require(reinterpret_cast<std::uintptr_t>(seq) % 16 == 0);
-        c.src = seq + (static_cast<long long>(c.h) * c.m + static_cast<long long>(c.tile) * kTile) * HD;
+        c.src = c.seq + (static_cast<long long>(c.h) * c.m + static_cast<long long>(c.tile) * kTile) * HD;
         return;
       }
       c.w += ws.num_tiles - c.tile;  // the rest of this row is past M_b
@@ -779,7 +751,7 @@ __global__ void __launch_bounds__(landmark_detail::kMmaLogitsWarps * 32)
     cur.tile = w_begin - rest * ws.num_tiles;
     cur.b = rest / rows_y;
     cur.y = rest - cur.b * rows_y;
-    cur.m = cur.b < p.batch ? p.num_landmarks[cur.b] : 0;
+    load_sequence(cur);
     seek(cur);
   }
 
@@ -888,13 +860,25 @@ __global__ void __launch_bounds__(landmark_detail::kMmaLogitsWarps * 32)
     for (int r = 0; r < 2; ++r) {
       if (r == 1 && block_heads <= 8) break;  // warp-uniform: rows qr + 8 are all past the block
       const bool head_valid = qr + 8 * r < block_heads;
+      // v[2n], v[2n + 1]: landmarks c, c + 1 of n-tile n, c = 8n + 2qc, stored as one float2
+      // where the pair is whole and the row 8-byte aligned (a quad then writes one 32-byte
+      // sector per head and n-tile), else one float at a time.
       float v[4];
-      int col[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        col[i] = 8 * (i / 2) + 2 * qc + (i % 2);
-        v[i] = col[i] < valid ? acc[i / 2][2 * r + i % 2] : -INFINITY;
-        if (head_valid && col[i] < valid) out[r][row0 + col[i]] = v[i];
+      for (int i = 0; i < 4; ++i) v[i] = 8 * (i / 2) + 2 * qc + (i % 2) < valid ? acc[i / 2][2 * r + i % 2] : -INFINITY;
+      if (head_valid) {
+        float* const o = out[r] + row0;
+        const bool pairs = (reinterpret_cast<std::uintptr_t>(out[r]) & 7u) == 0u;  // row0 is even
+#pragma unroll
+        for (int n = 0; n < 2; ++n) {
+          const int c = 8 * n + 2 * qc;
+          if (pairs && c + 1 < valid) {
+            *reinterpret_cast<float2*>(o + c) = make_float2(v[2 * n], v[2 * n + 1]);
+          } else {
+            if (c < valid) o[c] = v[2 * n];
+            if (c + 1 < valid) o[c + 1] = v[2 * n + 1];
+          }
+        }
       }
       // Running (max, sum of exp) of this lane's landmarks of the item, natural-log units.
       const float m_new = fmaxf(run_m[r], fmaxf(fmaxf(v[0], v[1]), fmaxf(v[2], v[3])));
@@ -944,6 +928,8 @@ __global__ void __launch_bounds__(landmark_detail::kNormalizeThreads)
   constexpr int kPer = kNormalizeTile / kNormalizeThreads;  // landmarks per thread
   constexpr int kHeads = 4;                                  // heads loaded per batch
   extern __shared__ float s_stats[];                         // [2][G]: max, sum
+  wait_for_previous_grids();  // launched overlapping the logits kernel (landmark_ops.cuh)
+  allow_next_grid();
   const int group = ws.group;
   float* s_max = s_stats;
   float* s_sum = s_stats + group;
@@ -1034,12 +1020,16 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2)
   constexpr int kWarps = NT / 32;
   extern __shared__ uint4 s_cache_raw[];
   unsigned* s_keys = reinterpret_cast<unsigned*>(s_cache_raw);  // keys of this CTA's slice
-  __shared__ unsigned s_hist[256];
+  // Digit histograms, two so that a pass never clears the one other CTAs of the cluster may still
+  // be reading (pass i counts into s_hist[i % 2]; the first digit into s_hist[0]).
+  __shared__ unsigned s_hist[2][256];
   __shared__ unsigned s_cluster_hist[256];  // the histograms summed over the cluster
   __shared__ unsigned s_warp_above[kWarps], s_warp_equal[kWarps];
   __shared__ unsigned s_cta_counts[2];  // this CTA's (above, equal) elements, read by the cluster
   __shared__ int s_bin, s_above, s_bin_count;
   __shared__ float s_norm[kNormalize ? 2 * kMaxFusedGroup : 1];  // fused: [max of G heads, sum of G heads]
+  wait_for_previous_grids();  // launched overlapping the kernel before it (landmark_ops.cuh)
+  allow_next_grid();
 
   const ClusterRank cr = cluster_rank();
   const int h = blockIdx.x / cr.size, b = blockIdx.y;
@@ -1053,7 +1043,7 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2)
   const int seg_cta = (m + cr.size * 128 - 1) / (cr.size * 128) * 128;
   const int lo = min(m, cr.rank * seg_cta), hi = min(m, lo + seg_cta);
   const bool cached = hi - lo <= cache_capacity;
-  for (int i = tid; i < 256; i += NT) s_hist[i] = 0u;
+  for (int i = tid; i < 2 * 256; i += NT) s_hist[i / 256][i % 256] = 0u;
 
   // Fused scoring of the slice: the row's normalisers from the logits kernel's partial states,
   // then each landmark's score from its G logits (the normalize kernel's arithmetic, see
@@ -1109,7 +1099,7 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2)
             if (to_cache) {
               const unsigned key = order_key(score[u]);
               s_keys[i - lo] = key;
-              atomicAdd(&s_hist[key >> 24], 1u);
+              atomicAdd(&s_hist[0][key >> 24], 1u);
             }
           }
         }
@@ -1142,7 +1132,7 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2)
         if (i < hi) {
           const unsigned key = order_key(v[u]);
           s_keys[i - lo] = key;
-          atomicAdd(&s_hist[key >> 24], 1u);
+          atomicAdd(&s_hist[0][key >> 24], 1u);
         }
       }
     }
@@ -1155,7 +1145,8 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2)
     // for sure; `remaining` more are needed among those equal to it.
     unsigned prefix = 0u, mask = 0u;
     int remaining = kk;
-    for (int shift = 24;; shift -= 8) {
+    for (int shift = 24, pass = 0;; shift -= 8, ++pass) {
+      unsigned* const pass_hist = s_hist[pass % 2];
       if (!(top_digit_counted && shift == 24)) {
         for (int first = lo + tid * kTopKItems; first < hi; first += NT * kTopKItems) {
           unsigned keys[kTopKItems];
@@ -1167,11 +1158,11 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2)
           }
 #pragma unroll
           for (int q = 0; q < kTopKItems; ++q)
-            if (first + q < hi && (keys[q] & mask) == prefix) atomicAdd(&s_hist[(keys[q] >> shift) & 0xffu], 1u);
+            if (first + q < hi && (keys[q] & mask) == prefix) atomicAdd(&pass_hist[(keys[q] >> shift) & 0xffu], 1u);
         }
       }
       __syncthreads();
-      const unsigned* hist = s_hist;
+      const unsigned* hist = pass_hist;
       if (cr.size > 1) {
         cluster_sync(cr);  // every CTA's histogram of this pass is complete
         // The cluster's histogram: thread t < 256 sums bin t over the CTAs (independent loads).
@@ -1179,7 +1170,7 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2)
           unsigned sum = 0u;
 #pragma unroll
           for (int r = 0; r < kMaxClusterCtas; ++r)
-            if (r < cr.size) sum += cluster_shared(s_hist, r, cr)[tid];
+            if (r < cr.size) sum += cluster_shared(pass_hist, r, cr)[tid];
           s_cluster_hist[tid] = sum;
         }
         __syncthreads();
@@ -1223,8 +1214,10 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2)
       // Done once the found digit's candidates are exactly the ones still needed (the same
       // decision in every CTA of the cluster).
       if (s_bin_count == remaining || shift == 0) break;
-      if (cr.size > 1) cluster_sync(cr);  // every CTA has read this CTA's histogram before it is cleared
-      for (int i = tid; i < 256; i += NT) s_hist[i] = 0u;
+      // The next pass counts into the histogram of the pass before this one: every CTA of the
+      // cluster read that one before it arrived at this pass's cluster barrier, so it may be
+      // cleared without another barrier.
+      for (int i = tid; i < 256; i += NT) s_hist[(pass + 1) % 2][i] = 0u;
       __syncthreads();
     }
 
@@ -1288,6 +1281,9 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2)
       above = counts[0];
       equal = counts[1];
     }
+    // This CTA's last remote reads are done: the cluster's CTAs may exit once every CTA got here
+    // (the matching wait is at the end, so the compaction does not wait for the slowest CTA).
+    cluster_arrive(cr);
     if (lane < warp) {
       above += s_warp_above[lane];
       equal += s_warp_equal[lane];
@@ -1329,7 +1325,7 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2)
       above += __shfl_sync(0xffffffffu, incl_above, 31);
       equal += __shfl_sync(0xffffffffu, incl_equal, 31);
     }
-    if (cr.size > 1) cluster_sync(cr);  // no CTA leaves while another may still read its shared memory
+    cluster_wait(cr);  // no CTA leaves while another may still read its shared memory
   };
   if (cached) {
     select([&](int i) { return s_keys[i - lo]; },

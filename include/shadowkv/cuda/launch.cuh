@@ -1,0 +1,70 @@
+#pragma once
+/// \file cuda/launch.cuh
+/// \brief `launch_kernel`: one checked launch through cudaLaunchKernelEx, optionally in thread
+/// block clusters and optionally overlapping the kernel before it on the stream (programmatic
+/// dependent launch, kernels/grid_dependency.cuh).
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+
+#include "../core/error.hpp"
+#include "error.cuh"
+
+namespace shadowkv::cuda {
+
+/// How a launch relates to the kernel before it on the same stream.
+enum class LaunchAfter {
+  previous_kernel_ends,    ///< ordinary stream order
+  previous_kernel_starts,  ///< may start once the previous kernel allows it (allow_next_grid);
+                           ///< the kernel must call wait_for_previous_grids first
+};
+
+/// Whether `Kernel` can be launched with a programmatic dependency on this device: the device
+/// is sm_90 or newer and the kernel's code was compiled for it (PTX 9.0 and up), so that its
+/// `wait_for_previous_grids` is the real instruction, not the no-op of an older build that the
+/// driver JIT-compiled here. Read once per device and kernel.
+template <auto Kernel>
+bool programmatic_launch_supported() {
+  return kernel_setting_per_device<Kernel>([](int device) {
+           int major = 0;
+           SHADOWKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+           cudaFuncAttributes attr{};
+           SHADOWKV_CUDA_CHECK(cudaFuncGetAttributes(&attr, Kernel));
+           return major >= 9 && attr.ptxVersion >= 90 ? 1 : 0;
+         }) != 0;
+}
+
+/// `Kernel<<<grid, block, smem, stream>>>(args...)` in clusters of `cluster_x` CTAs along x (1:
+/// no cluster attribute) and, with `LaunchAfter::previous_kernel_starts` where
+/// `programmatic_launch_supported<Kernel>()`, allowed to start before the previous kernel on
+/// `stream` ends. Checks the launch.
+template <auto Kernel, class... Args>
+void launch_kernel(dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream, LaunchAfter after,
+                   unsigned cluster_x, const Args&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute attrs[2]{};
+  unsigned n = 0;
+  if (cluster_x > 1) {
+    attrs[n].id = cudaLaunchAttributeClusterDimension;
+    attrs[n].val.clusterDim.x = cluster_x;
+    attrs[n].val.clusterDim.y = 1;
+    attrs[n].val.clusterDim.z = 1;
+    ++n;
+  }
+  if (after == LaunchAfter::previous_kernel_starts && programmatic_launch_supported<Kernel>()) {
+    attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[n].val.programmaticStreamSerializationAllowed = 1;
+    ++n;
+  }
+  config.attrs = n > 0 ? attrs : nullptr;
+  config.numAttrs = n;
+  SHADOWKV_CUDA_CHECK(cudaLaunchKernelEx(&config, Kernel, args...));
+  SHADOWKV_CUDA_CHECK_LAUNCH();
+}
+
+}  // namespace shadowkv::cuda
