@@ -168,22 +168,28 @@ void decode_attention(const float* queries, const KVSegments<D>* segments, D* ou
       // bf16 / fp16: the tensor-core kernel (any G <= 16: query heads are MMA rows).
       constexpr auto kernel = kernels::decode_attention_mma_kernel<D, HD, W>;
       constexpr std::size_t smem = kernels::mma_decode_smem_bytes<HD, W>();
-      SHADOWKV_CUDA_CHECK(
-          cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-      // All of the unified L1/shared space as shared memory: two CTAs per SM at d <= 128 need
-      // about 210 KB, and the copies bypass L1 (cp.async.cg).
-      SHADOWKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
-                                               cudaSharedmemCarveoutMaxShared));
-      launch_kernel<kernel>(grid, dim3(W * 32), smem, stream, LaunchAfter::previous_kernel_starts, 1u, p, group);
+      (void)kernel_setting_per_device<kernel>([](int) {  // once per device, not on every decode call
+        SHADOWKV_CUDA_CHECK(
+            cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+        // All of the unified L1/shared space as shared memory: two CTAs per SM at d <= 128 need
+        // about 210 KB, and the copies bypass L1 (cp.async.cg).
+        SHADOWKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                                 cudaSharedmemCarveoutMaxShared));
+        return 0;
+      });
+      launch_kernel<kernel>(grid, dim3(W * 32), smem, stream, 1u, p, group);
     } else {
       // float: the CUDA-core kernel, its register arrays sized by G rounded up to a power of 2.
       auto launch = [&]<int GMAX>() {
         constexpr auto kernel = kernels::decode_attention_split_kernel<D, HD, GMAX, W>;
-        const std::size_t smem = static_cast<std::size_t>(W) * GMAX * (HD + 2) * sizeof(float);
-        if (smem > 48 * 1024)
-          SHADOWKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                   static_cast<int>(smem)));
-        launch_kernel<kernel>(grid, dim3(W * 32), smem, stream, LaunchAfter::previous_kernel_starts, 1u, p, group);
+        constexpr std::size_t smem = static_cast<std::size_t>(W) * GMAX * (HD + 2) * sizeof(float);
+        if constexpr (smem > 48 * 1024)
+          (void)kernel_setting_per_device<kernel>([](int) {
+            SHADOWKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                     static_cast<int>(smem)));
+            return 0;
+          });
+        launch_kernel<kernel>(grid, dim3(W * 32), smem, stream, 1u, p, group);
       };
       switch (detail::group_bound(group)) {
         case 1: launch.template operator()<1>(); break;
@@ -194,7 +200,7 @@ void decode_attention(const float* queries, const KVSegments<D>* segments, D* ou
       }
     }
     launch_kernel<kernels::decode_attention_combine_kernel<D, HD>>(dim3(static_cast<unsigned>(heads)), dim3(HD), 0,
-                                                                  stream, LaunchAfter::previous_kernel_starts, 1u, p);
+                                                                  stream, 1u, p);
   });
 }
 

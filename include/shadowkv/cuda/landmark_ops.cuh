@@ -166,7 +166,7 @@ void launch_top_k(const TopKParams& p, const DeviceInfo& dev, long long rows, cu
   // The kernel waits for the previous grid before touching memory, so it may be resident while
   // the logits kernel (or any other) finishes.
   launch_kernel<kernel>(dim3(static_cast<unsigned>(p.num_kv_heads * ctas), static_cast<unsigned>(p.batch)), dim3(NT),
-                        smem, stream, LaunchAfter::previous_kernel_starts, static_cast<unsigned>(ctas), p, cache, norm);
+                        smem, stream, static_cast<unsigned>(ctas), p, cache, norm);
 }
 
 /// `select_top_k`'s checks, before any CUDA call.
@@ -278,7 +278,7 @@ ScoreLaunch launch_logits(const LandmarkScoreParams<T>& p, cudaStream_t stream, 
           static_cast<long long>(per_sm) * device_info().sm_count * kd::kMmaLogitsWarps;
       const long long warps = items < resident_warps ? items : resident_warps;
       const unsigned grid = static_cast<unsigned>((warps + kd::kMmaLogitsWarps - 1) / kd::kMmaLogitsWarps);
-      launch_kernel<kernel>(dim3(grid), dim3(kThreads), S::kSmemBytes, stream, LaunchAfter::previous_kernel_starts, 1u,
+      launch_kernel<kernel>(dim3(grid), dim3(kThreads), S::kSmemBytes, stream, 1u,
                             p, ws);
     } else {  // float landmarks: float queries and CUDA-core FMAs
       auto launch = [&]<int GB>() {
@@ -291,7 +291,7 @@ ScoreLaunch launch_logits(const LandmarkScoreParams<T>& p, cudaStream_t stream, 
         const long long resident = static_cast<long long>(per_sm) * device_info().sm_count;
         const unsigned grid = static_cast<unsigned>(items < resident ? items : resident);
         launch_kernel<kernel>(dim3(grid), dim3(kd::kLogitsThreads), L::kSmemBytes, stream,
-                              LaunchAfter::previous_kernel_starts, 1u, p, ws);
+                              1u, p, ws);
       };
       switch (gb) {
         case 1: launch.template operator()<1>(); break;
@@ -313,7 +313,7 @@ void launch_normalize(const LandmarkScoreParams<T>& p, const kernels::landmark_d
   const dim3 grid(static_cast<unsigned>((p.max_landmarks + kd::kNormalizeTile - 1) / kd::kNormalizeTile),
                   static_cast<unsigned>(p.num_kv_heads), static_cast<unsigned>(p.batch));
   launch_kernel<kernels::landmark_normalize_kernel<T>>(grid, dim3(kd::kNormalizeThreads), 2 * ws.group * sizeof(float),
-                                                       stream, LaunchAfter::previous_kernel_starts, 1u, p, ws);
+                                                       stream, 1u, p, ws);
 }
 
 }  // namespace landmark_launch

@@ -1,8 +1,8 @@
 #pragma once
 /// \file cuda/launch.cuh
 /// \brief `launch_kernel`: one checked launch through cudaLaunchKernelEx, optionally in thread
-/// block clusters and optionally overlapping the kernel before it on the stream (programmatic
-/// dependent launch, kernels/grid_dependency.cuh).
+/// block clusters, overlapping the kernel before it on the stream where the device allows
+/// (programmatic dependent launch, kernels/grid_dependency.cuh).
 
 #include <cuda_runtime.h>
 
@@ -12,13 +12,6 @@
 #include "error.cuh"
 
 namespace shadowkv::cuda {
-
-/// How a launch relates to the kernel before it on the same stream.
-enum class LaunchAfter {
-  previous_kernel_ends,    ///< ordinary stream order
-  previous_kernel_starts,  ///< may start once the previous kernel allows it (allow_next_grid);
-                           ///< the kernel must call wait_for_previous_grids first
-};
 
 /// Whether `Kernel` can be launched with a programmatic dependency on this device: the device
 /// is sm_90 or newer and the kernel's code was compiled for it (PTX 9.0 and up), so that its
@@ -36,12 +29,12 @@ bool programmatic_launch_supported() {
 }
 
 /// `Kernel<<<grid, block, smem, stream>>>(args...)` in clusters of `cluster_x` CTAs along x (1:
-/// no cluster attribute) and, with `LaunchAfter::previous_kernel_starts` where
-/// `programmatic_launch_supported<Kernel>()`, allowed to start before the previous kernel on
-/// `stream` ends. Checks the launch.
+/// no cluster attribute), allowed to start before the previous kernel on `stream` ends where
+/// `programmatic_launch_supported<Kernel>()`: `Kernel` must call `wait_for_previous_grids`
+/// before its first access to memory an earlier launch may touch. Checks the launch.
 template <auto Kernel, class... Args>
-void launch_kernel(dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream, LaunchAfter after,
-                   unsigned cluster_x, const Args&... args) {
+void launch_kernel(dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream, unsigned cluster_x,
+                   const Args&... args) {
   cudaLaunchConfig_t config{};
   config.gridDim = grid;
   config.blockDim = block;
@@ -56,7 +49,7 @@ void launch_kernel(dim3 grid, dim3 block, std::size_t smem, cudaStream_t stream,
     attrs[n].val.clusterDim.z = 1;
     ++n;
   }
-  if (after == LaunchAfter::previous_kernel_starts && programmatic_launch_supported<Kernel>()) {
+  if (programmatic_launch_supported<Kernel>()) {
     attrs[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attrs[n].val.programmaticStreamSerializationAllowed = 1;
     ++n;

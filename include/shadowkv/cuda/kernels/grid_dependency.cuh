@@ -1,7 +1,7 @@
 #pragma once
 /// \file cuda/kernels/grid_dependency.cuh
 /// \brief Programmatic dependent launch (sm_90 and newer), device side: a kernel started with
-/// `launch_kernel(..., LaunchAfter::previous_kernel_starts)` (cuda/launch.cuh) may be resident
+/// `launch_kernel` (cuda/launch.cuh) may be resident
 /// while the kernel before it on the stream still runs, and must call
 /// `wait_for_previous_grids` before its first access to global memory that an earlier launch
 /// could touch; `allow_next_grid` lets the following launch start early. Both are no-ops below
