@@ -312,7 +312,7 @@ void launch_normalize(const LandmarkScoreParams<T>& p, const kernels::landmark_d
   namespace kd = kernels::landmark_detail;
   const dim3 grid(static_cast<unsigned>((p.max_landmarks + kd::kNormalizeTile - 1) / kd::kNormalizeTile),
                   static_cast<unsigned>(p.num_kv_heads), static_cast<unsigned>(p.batch));
-  launch_kernel<kernels::landmark_normalize_kernel<T>>(grid, dim3(kd::kNormalizeThreads), 2 * ws.group * sizeof(float),
+  launch_kernel<kernels::landmark_normalize_kernel<T>>(grid, dim3(kd::kNormalizeThreads), ws.group * sizeof(float),
                                                        stream, 1u, p, ws);
 }
 
@@ -367,7 +367,8 @@ inline void select_top_k(const TopKParams& p, cudaStream_t stream) {
 /// `score_landmarks` writes them) and selection are bit-identical to the two calls'. `tp` must
 /// describe the same rows: its `scores`, `num_landmarks`, `score_offsets`, `scores_capacity`,
 /// `batch`, `num_kv_heads` and `max_landmarks` equal `sp`'s. `fusion`: `automatic` fuses
-/// unless the batch has fewer than `sm_count / 4` rows (B * H_kv); `fused` always (tests, or
+/// unless the device has no thread-block clusters (before sm_90) and the batch has fewer than
+/// `sm_count / 4` rows (B * H_kv); `fused` always (tests, or
 /// an engine that measured its shapes), `separate` never. Groups of more than 64 query heads
 /// per KV head always take the two calls' kernels. Same errors as the two functions, all
 /// before any CUDA call.
@@ -387,12 +388,16 @@ void score_and_select_top_k(const LandmarkScoreParams<T>& sp, const TopKParams& 
     if (tp.batch > 0) landmark_launch::top_k<false>(tp, stream);
     return;
   }
-  // Fused only where rows are many: the top-k kernel is one CTA per row, so with few rows its
-  // reading the logits costs more than a separate normalize kernel spread over the whole GPU
-  // (H200, Llama-3.1-8B shapes at 128K: B = 8 (64 rows) 115 vs 122 us, B = 4 equal, B = 1
-  // 44 vs 38 us; bm_score_landmarks).
+  // Fused, except for few rows on a device without thread-block clusters: there the top-k
+  // kernel is one CTA per row, so with few rows its reading the logits costs more than a
+  // separate normalize kernel spread over the whole GPU (H200 with one CTA per row,
+  // Llama-3.1-8B shapes at 128K: B = 8 (64 rows) 115 vs 122 us, B = 4 equal, B = 1 44 vs
+  // 38 us; bm_score_landmarks). With clusters (sm_90 and newer) a few rows spread over up to 8
+  // CTAs each, and the fused kernel is the faster at every batch (H200, 2026-11-26: B = 1
+  // 32.9 vs 34.7 us, B = 2 42.1 vs 44.0, B = 4 66.1 vs 67.7, B = 8 103.7 vs 111.6).
   const long long rows = static_cast<long long>(tp.batch) * tp.num_kv_heads;
-  const bool few_rows = rows * 4 < landmark_launch::device_info().sm_count;
+  const landmark_launch::DeviceInfo dev = landmark_launch::device_info();
+  const bool few_rows = dev.cc_major < 9 && rows * 4 < dev.sm_count;
   if (launch.ws.group > kernels::landmark_detail::kMaxFusedGroup || fusion == TopKFusion::separate ||
       (fusion == TopKFusion::automatic && few_rows)) {
     landmark_launch::launch_normalize(sp, launch.ws, stream);

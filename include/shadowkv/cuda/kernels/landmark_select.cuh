@@ -169,13 +169,14 @@ struct MmaLogitsShape {
   /// (pitch / 16 is odd for every supported head dim).
   static constexpr int kRowPitch = HD * 2 + 16;
   static constexpr int kStageBytes = kStageRows * kRowPitch;
-  /// Stages in each warp's ring; all but one are in flight. d = 128: 3 stages (13 KB per warp,
-  /// 52 KB per CTA), so that four CTAs (16 warps, the register limit at 117 registers) share an
-  /// SM with 8 KB of landmarks in flight per warp, 128 KB per SM. ncu on the H200 (B = 8, 128K
+  /// Stages in each warp's ring; all but one are in flight. d = 128: 2 stages (8.5 KB per warp,
+  /// 34 KB per CTA), so that four CTAs (16 warps, the register limit at 117 registers) share an
+  /// SM with 4 KB of landmarks in flight per warp, 64 KB per SM. ncu on the H200 (B = 8, 128K
   /// context) showed the kernel issue-bound at 6 stages and two CTAs per SM: 0.47 eligible warps
-  /// per scheduler, 66% of DRAM bandwidth. Other head dims keep ~23-26 KB per warp (two CTAs per
-  /// SM; d = 256: one), not yet re-measured.
-  static constexpr int kStages = HD <= 64 ? 10 : HD <= 96 ? 7 : HD <= 128 ? 3 : 3;
+  /// per scheduler, 66% of DRAM bandwidth; at four CTAs per SM, 3 to 5 stages ran equally fast
+  /// (~76-80 us), 2 stages 1-2 us faster (five A/B calls, 2026-11-25/26). Other head dims keep
+  /// ~23-26 KB per warp (two CTAs per SM; d = 256: one), not yet re-measured.
+  static constexpr int kStages = HD <= 64 ? 10 : HD <= 96 ? 7 : HD <= 128 ? 2 : 3;
   static constexpr int kChunksPerRow = HD * 2 / 16;  ///< 16-byte copies per row
   static constexpr int kChunksPerLane = kStageRows * kChunksPerRow / 32;
   static constexpr int kKSteps = HD / 16;  ///< k16 steps of one stage's logits
@@ -376,13 +377,22 @@ __device__ __forceinline__ device::SoftmaxState merge_row_partials(const float2*
   return st;
 }
 
-/// The score of a landmark from its logit `x` under query head `j`, given the row's
-/// normalisers: one softmax value. The normalize kernel and the fused top-k kernel both fold
-/// `score = max(score, softmax_value(...))` over j = 0, 1, ..., G-1 with this expression, so
-/// their scores are bit-identical.
-__device__ __forceinline__ float softmax_value(float x, float row_max, float row_sum) {
-  return expf(x - row_max) / row_sum;
+/// A row's softmax under one query head as a single offset: with the row's max `m` and sum of
+/// exp `l` (natural-log units), the softmax value of logit x is `exp(x - m) / l = 2^(x log2(e)
+/// - c)`, `c = (m + ln l) log2(e)`. A landmark's score is then `2^(max_j (x_j log2(e) - c_j))`
+/// (`softmax_exponent` folded with fmaxf over j = 0, 1, ..., G-1, then `softmax_score`): one
+/// exp2f per landmark, however large G, and no division (2^y increases with y, so this is the
+/// max over j of the softmax values). The normalize kernel and the fused top-k kernel both use
+/// these expressions, so their scores are bit-identical. Against `exp(x - m) / l` in float, a
+/// score moves by the rounding of c and of the exponent (~|c| 2^-24 relative, c ~ 20 at 16K
+/// landmarks) and exp2f's 2 ulp: a few 1e-7 to ~1e-6. That took the fused top-k kernel's
+/// scoring of B = 8 rows of 16K landmarks from 9.9 to ... us (H200), where one expf and one
+/// division per (landmark, head) made it issue-bound.
+__device__ __forceinline__ float softmax_offset(float row_max, float row_sum) {
+  return (row_max + logf(row_sum)) * 1.4426950408889634f;
 }
+__device__ __forceinline__ float softmax_exponent(float x, float offset) { return fmaf(x, 1.4426950408889634f, -offset); }
+__device__ __forceinline__ float softmax_score(float max_exponent) { return exp2f(max_exponent); }
 
 /// Where the scoring workspace keeps what: the partial softmax states `[batch, H_kv,
 /// num_tiles, G]` (float2: max, sum of exp), then the logits of query heads 1..G-1 of each
@@ -659,7 +669,7 @@ __global__ void __launch_bounds__(landmark_detail::kLogitsThreads)
 /// `ldmatrix` and `HD / 8` MMAs, 5 `expf` and 2 float2 stores per lane (twice that when G > 8): by
 /// count, well under a tenth of an SM's issue slots at HBM speed (not yet profiled), so the
 /// kernel should be bound by the bytes in flight (`(kStages - 1) * 16 * HD * 2` bytes per
-/// warp, 160 KB per SM at d = 128, where ~30 KB per SM covers the latency at 4 TB/s).
+/// warp, 64 KB per SM at d = 128, where ~30 KB per SM covers the latency at 4 TB/s).
 template <class T, int HD>
 __global__ void __launch_bounds__(landmark_detail::kMmaLogitsWarps * 32)
     landmark_logits_mma_kernel(const LandmarkScoreParams<T> p, const landmark_detail::LandmarkScoreWorkspace ws) {
@@ -910,9 +920,10 @@ __global__ void __launch_bounds__(landmark_detail::kMmaLogitsWarps * 32)
 #endif
 }
 
-/// Grid `(ceil(max_landmarks / 512), H_kv, batch)`, 256 threads, `2 * G` floats of dynamic
+/// Grid `(ceil(max_landmarks / 512), H_kv, batch)`, 256 threads, `G` floats of dynamic
 /// shared memory. Each CTA merges the partial softmax states of its row (one warp per head),
-/// then turns the logits of 512 landmarks into `max_j exp(logit_j - max_j) / sum_j`. Loads
+/// then turns the logits of 512 landmarks into `max_j exp(logit_j - max_j) / sum_j` (as
+/// `2^(max_j (logit_j log2(e) - c_j))`, see `softmax_offset`). Loads
 /// are issued in batches (2 landmarks x 4 heads per thread) so that a CTA waits for memory a
 /// few times, not once per landmark.
 ///
@@ -927,12 +938,10 @@ __global__ void __launch_bounds__(landmark_detail::kNormalizeThreads)
   constexpr int kWarps = kNormalizeThreads / 32;
   constexpr int kPer = kNormalizeTile / kNormalizeThreads;  // landmarks per thread
   constexpr int kHeads = 4;                                  // heads loaded per batch
-  extern __shared__ float s_stats[];                         // [2][G]: max, sum
+  extern __shared__ float s_offset[];                        // [G]: softmax_offset per head
   wait_for_previous_grids();  // launched overlapping the logits kernel (landmark_ops.cuh)
   allow_next_grid();
   const int group = ws.group;
-  float* s_max = s_stats;
-  float* s_sum = s_stats + group;
 
   const int h = blockIdx.y, b = blockIdx.z;
   const int m = p.num_landmarks[b];
@@ -947,10 +956,7 @@ __global__ void __launch_bounds__(landmark_detail::kNormalizeThreads)
       ws.partials + (static_cast<long long>(b) * p.num_kv_heads + h) * ws.num_tiles * group;
   for (int j = warp; j < group; j += kWarps) {
     const device::SoftmaxState st = merge_row_partials(partials, tiles, group, j, lane);
-    if (lane == 0) {
-      s_max[j] = st.m;
-      s_sum[j] = st.l;
-    }
+    if (lane == 0) s_offset[j] = softmax_offset(st.m, st.l);
   }
   __syncthreads();
 
@@ -963,7 +969,7 @@ __global__ void __launch_bounds__(landmark_detail::kNormalizeThreads)
     score[u] = i < m ? row0[i] : 0.0f;
   }
 #pragma unroll
-  for (int u = 0; u < kPer; ++u) score[u] = softmax_value(score[u], s_max[0], s_sum[0]);
+  for (int u = 0; u < kPer; ++u) score[u] = softmax_exponent(score[u], s_offset[0]);
   for (int j0 = 1; j0 < group; j0 += kHeads) {
     float v[kHeads][kPer];
 #pragma unroll
@@ -978,12 +984,12 @@ __global__ void __launch_bounds__(landmark_detail::kNormalizeThreads)
       if (j0 + jj < group)
 #pragma unroll
         for (int u = 0; u < kPer; ++u)
-          score[u] = fmaxf(score[u], softmax_value(v[jj][u], s_max[j0 + jj], s_sum[j0 + jj]));
+          score[u] = fmaxf(score[u], softmax_exponent(v[jj][u], s_offset[j0 + jj]));
   }
 #pragma unroll
   for (int u = 0; u < kPer; ++u) {
     const int i = t0 + u * kNormalizeThreads + tid;
-    if (i < m) row0[i] = score[u];
+    if (i < m) row0[i] = softmax_score(score[u]);
   }
 }
 
@@ -1027,7 +1033,7 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2)
   __shared__ unsigned s_warp_above[kWarps], s_warp_equal[kWarps];
   __shared__ unsigned s_cta_counts[2];  // this CTA's (above, equal) elements, read by the cluster
   __shared__ int s_bin, s_above, s_bin_count;
-  __shared__ float s_norm[kNormalize ? 2 * kMaxFusedGroup : 1];  // fused: [max of G heads, sum of G heads]
+  __shared__ float s_norm[kNormalize ? kMaxFusedGroup : 1];  // fused: softmax_offset of the G heads
   wait_for_previous_grids();  // launched overlapping the kernel before it (landmark_ops.cuh)
   allow_next_grid();
 
@@ -1047,7 +1053,7 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2)
 
   // Fused scoring of the slice: the row's normalisers from the logits kernel's partial states,
   // then each landmark's score from its G logits (the normalize kernel's arithmetic, see
-  // softmax_value), written over head 0's logits in `scores` and, when the slice is cached,
+  // softmax_offset), written over head 0's logits in `scores` and, when the slice is cached,
   // keyed into shared memory with its top digit counted. 4 landmarks per thread per step,
   // their logits loaded 4 heads at a time (16 loads in flight; one round trip per step when
   // G <= 4).
@@ -1057,36 +1063,38 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2)
       const int tiles = (m + norm.ws.tile_rows - 1) / norm.ws.tile_rows;
       const float2* __restrict__ partials =
           norm.ws.partials + (static_cast<long long>(b) * p.num_kv_heads + h) * norm.ws.num_tiles * group;
-      for (int j = warp; j < group; j += kWarps) {
-        const device::SoftmaxState st = merge_row_partials(partials, tiles, group, j, lane);
-        if (lane == 0) {
-          s_norm[j] = st.m;
-          s_norm[kMaxFusedGroup + j] = st.l;
-        }
-      }
-      __syncthreads();
       float* __restrict__ row0 = norm.scores + off_b + static_cast<long long>(h) * m;
       const float* __restrict__ rest =
           norm.ws.logits + (group - 1) * off_b + static_cast<long long>(h) * (group - 1) * m;
       constexpr int kPer = 4;  // landmarks per thread per step (64 registers at NT = 1024)
+      // The logits of heads j0 .. j0 + 3 of landmarks base + u * NT + tid: 16 loads in flight.
+      float v[4][kPer];
+      auto load_logits = [&](int base, int j0) {
+#pragma unroll
+        for (int jj = 0; jj < 4; ++jj)
+#pragma unroll
+          for (int u = 0; u < kPer; ++u) {
+            const int i = base + u * NT + tid, j = j0 + jj;
+            v[jj][u] = j < group && i < hi ? (j == 0 ? row0[i] : rest[static_cast<long long>(j - 1) * m + i]) : 0.0f;
+          }
+      };
+      load_logits(lo, 0);  // the first batch in flight while the partial states merge
+      for (int j = warp; j < group; j += kWarps) {
+        const device::SoftmaxState st = merge_row_partials(partials, tiles, group, j, lane);
+        if (lane == 0) s_norm[j] = softmax_offset(st.m, st.l);
+      }
+      __syncthreads();
       for (int base = lo; base < hi; base += NT * kPer) {
         float score[kPer];
-        for (int j0 = 0; j0 < group; j0 += 4) {  // heads j0 .. j0 + 3: 16 loads in flight
-          float v[4][kPer];
-#pragma unroll
-          for (int jj = 0; jj < 4; ++jj)
-#pragma unroll
-            for (int u = 0; u < kPer; ++u) {
-              const int i = base + u * NT + tid, j = j0 + jj;
-              v[jj][u] = j < group && i < hi ? (j == 0 ? row0[i] : rest[static_cast<long long>(j - 1) * m + i]) : 0.0f;
-            }
+        for (int j0 = 0; j0 < group; j0 += 4) {
+          if (base != lo || j0 != 0) load_logits(base, j0);
 #pragma unroll
           for (int jj = 0; jj < 4; ++jj) {
             const int j = j0 + jj;
             if (j >= group) break;
 #pragma unroll
             for (int u = 0; u < kPer; ++u) {
-              const float x = softmax_value(v[jj][u], s_norm[j], s_norm[kMaxFusedGroup + j]);
+              const float x = softmax_exponent(v[jj][u], s_norm[j]);
               score[u] = j == 0 ? x : fmaxf(score[u], x);
             }
           }
@@ -1094,6 +1102,7 @@ __global__ void __launch_bounds__(NT, NT >= 1024 ? 1 : 2)
 #pragma unroll
         for (int u = 0; u < kPer; ++u) {
           const int i = base + u * NT + tid;
+          score[u] = softmax_score(score[u]);
           if (i < hi) {
             row0[i] = score[u];
             if (to_cache) {
