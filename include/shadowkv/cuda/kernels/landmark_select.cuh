@@ -385,9 +385,10 @@ __device__ __forceinline__ device::SoftmaxState merge_row_partials(const float2*
 /// max over j of the softmax values). The normalize kernel and the fused top-k kernel both use
 /// these expressions, so their scores are bit-identical. Against `exp(x - m) / l` in float, a
 /// score moves by the rounding of c and of the exponent (~|c| 2^-24 relative, c ~ 20 at 16K
-/// landmarks) and exp2f's 2 ulp: a few 1e-7 to ~1e-6. That took the fused top-k kernel's
-/// scoring of B = 8 rows of 16K landmarks from 9.9 to ... us (H200), where one expf and one
-/// division per (landmark, head) made it issue-bound.
+/// landmarks) and exp2f's 2 ulp: a few 1e-7 to ~1e-6. On the H200 (B = 8 rows of 16K
+/// landmarks, G = 4) that took the fused top-k kernel's scoring phase from 9.9 to 7.1 us
+/// (%globaltimer stamps in the kernel) and the whole kernel from 21.7 to 18.9 us (ncu), where
+/// one expf and one division per (landmark, head) had kept it issue-bound.
 __device__ __forceinline__ float softmax_offset(float row_max, float row_sum) {
   return (row_max + logf(row_sum)) * 1.4426950408889634f;
 }
