@@ -28,7 +28,8 @@ FAMILIES = {
     "bm_shadowkv_attention": ("shadowkv_attention_kernel", "cuda::decode_attention over a ShadowKV selection (kernel only)"),
 }
 MODES = {0: "same query, value pool = budget", 1: "fresh random query per step",
-         2: "same query, value cache 4x budget"}
+         2: "same query, value cache 4x budget",
+         3: "same query in RoPE's slowest pairs (selection repeats), value pool = budget"}
 
 
 def parse_args(name):
