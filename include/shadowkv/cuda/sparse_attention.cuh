@@ -147,6 +147,17 @@ void launch_rope_rows(const RopeRowsParams<In, Out>& p, cudaStream_t stream) {
   SHADOWKV_CUDA_CHECK_LAUNCH();
 }
 
+/// `decode_rope_kernel`: the three RoPE row copies of a decode step in one launch.
+template <class D>
+void launch_decode_rope(const RopeRowsParams<D, float>& q, const RopeRowsParams<D, D>& k,
+                        const RopeRowsParams<D, D>& v, cudaStream_t stream) {
+  const long long total = std::max(static_cast<long long>(q.n) * q.heads * q.head_dim,
+                                   static_cast<long long>(k.n) * k.heads * k.head_dim);
+  if (total == 0) return;
+  kernels::decode_rope_kernel<D><<<dim3(elementwise_grid(total), 3), 256, 0, stream>>>(q, k, v);
+  SHADOWKV_CUDA_CHECK_LAUNCH();
+}
+
 template <class DT>
 void launch_gather_rows(const GatherRowsParams<DT>& p, cudaStream_t stream) {
   const long long total = p.rows_per_head * p.head_dim * p.num_kv_heads;
@@ -916,7 +927,6 @@ class SparseAttention<Policy, CudaBackend, T> {
       rq.head_dim = d;
       rq.positions = reinterpret_cast<const long long*>(dev_ptr(pos_off));
       rq.rope = row_rope();
-      cuda::detail::launch_rope_rows(rq, stream);
       cuda::RopeRowsParams<D, D> rk;
       rk.src = cuda::as_device(keys_pre_rope.data);
       rk.src_stride = static_cast<long long>(kv_row());
@@ -926,11 +936,11 @@ class SparseAttention<Policy, CudaBackend, T> {
       rk.head_dim = d;
       rk.positions = rq.positions;
       rk.rope = row_rope();
-      cuda::detail::launch_rope_rows(rk, stream);
-      rk.src = cuda::as_device(values.data);
-      rk.dst_rows = reinterpret_cast<D* const*>(dev_ptr(vrow_off));
-      rk.rope = {};
-      cuda::detail::launch_rope_rows(rk, stream);
+      cuda::RopeRowsParams<D, D> rv = rk;
+      rv.src = cuda::as_device(values.data);
+      rv.dst_rows = reinterpret_cast<D* const*>(dev_ptr(vrow_off));
+      rv.rope = {};
+      cuda::detail::launch_decode_rope(rq, rk, rv, stream);
     }
 
     if constexpr (kSparse) {

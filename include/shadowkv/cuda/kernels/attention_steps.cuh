@@ -68,14 +68,14 @@ struct SelectionRecordSequence {
 
 namespace kernels {
 
-/// One thread per element: element e of a rotated pair takes its partner from src.
+/// Elements `first, first + stride, ...` of `p`'s rows, one per thread: element e of a rotated
+/// pair takes its partner from src.
 template <class In, class Out>
-__global__ void rope_rows_kernel(const RopeRowsParams<In, Out> p) {
+__device__ __forceinline__ void rope_rows(const RopeRowsParams<In, Out>& p, long long first, long long stride) {
   const long long per_token = static_cast<long long>(p.heads) * p.head_dim;
   const long long total = per_token * p.n;
   const int half = p.rope.inv_freq ? p.rope.rotary_dim / 2 : 0;
-  for (long long idx = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x; idx < total;
-       idx += static_cast<long long>(gridDim.x) * blockDim.x) {
+  for (long long idx = first; idx < total; idx += stride) {
     const int t = static_cast<int>(idx / per_token);
     const long long within = idx - t * per_token;
     const int e = static_cast<int>(within % p.head_dim);
@@ -84,27 +84,48 @@ __global__ void rope_rows_kernel(const RopeRowsParams<In, Out> p) {
     float x = to_float(row[e]);
     if (e < 2 * half) {
       int pair, partner;
-      bool first;
+      bool first_of_pair;
       if (p.rope.interleaved) {
         pair = e / 2;
-        first = (e % 2) == 0;
-        partner = first ? e + 1 : e - 1;
+        first_of_pair = (e % 2) == 0;
+        partner = first_of_pair ? e + 1 : e - 1;
       } else {
         pair = e < half ? e : e - half;
-        first = e < half;
-        partner = first ? e + half : e - half;
+        first_of_pair = e < half;
+        partner = first_of_pair ? e + half : e - half;
       }
       const long long pos = p.positions ? p.positions[t] : p.first_position + t;
       float cos_a, sin_a;
       device::rope_cos_sin(pos, p.rope.inv_freq[pair], p.rope.attention_scale, cos_a, sin_a);
       const float y = to_float(row[partner]);
-      float x0 = first ? x : y, x1 = first ? y : x;
+      float x0 = first_of_pair ? x : y, x1 = first_of_pair ? y : x;
       device::rotate_pair(x0, x1, cos_a, sin_a);
-      x = first ? x0 : x1;
+      x = first_of_pair ? x0 : x1;
     }
     Out* dst = p.dst_rows ? p.dst_rows[t] : p.dst + t * p.dst_stride;
     dst[head_base + e] = from_float<Out>(x);
   }
+}
+
+/// `rope_rows` over a grid-stride loop.
+template <class In, class Out>
+__global__ void rope_rows_kernel(const RopeRowsParams<In, Out> p) {
+  rope_rows(p, blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x,
+            static_cast<long long>(gridDim.x) * blockDim.x);
+}
+
+/// The three row copies of a decode step in one launch, `blockIdx.y` choosing the task: the
+/// queries rotated to float (`q`), the new keys rotated into the generated rows (`k`), the new
+/// values copied there (`v`, no rotation). Saves two launches and the gaps between them per
+/// layer and step.
+template <class D>
+__global__ void decode_rope_kernel(const RopeRowsParams<D, float> q, const RopeRowsParams<D, D> k,
+                                   const RopeRowsParams<D, D> v) {
+  const long long first = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
+  const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
+  if (blockIdx.y == 0) rope_rows(q, first, stride);
+  else if (blockIdx.y == 1) rope_rows(k, first, stride);
+  else rope_rows(v, first, stride);
 }
 
 /// One thread per element of the destination.
