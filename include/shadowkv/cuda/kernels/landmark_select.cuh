@@ -389,10 +389,11 @@ __device__ __forceinline__ device::SoftmaxState merge_row_partials(const float2*
 /// landmarks, G = 4) that took the fused top-k kernel's scoring phase from 9.9 to 7.1 us
 /// (%globaltimer stamps in the kernel) and the whole kernel from 21.7 to 18.9 us (ncu), where
 /// one expf and one division per (landmark, head) had kept it issue-bound.
+inline constexpr float kLog2e = 1.4426950408889634f;
 __device__ __forceinline__ float softmax_offset(float row_max, float row_sum) {
-  return (row_max + logf(row_sum)) * 1.4426950408889634f;
+  return (row_max + logf(row_sum)) * kLog2e;
 }
-__device__ __forceinline__ float softmax_exponent(float x, float offset) { return fmaf(x, 1.4426950408889634f, -offset); }
+__device__ __forceinline__ float softmax_exponent(float x, float offset) { return fmaf(x, kLog2e, -offset); }
 __device__ __forceinline__ float softmax_score(float max_exponent) { return exp2f(max_exponent); }
 
 /// Where the scoring workspace keeps what: the partial softmax states `[batch, H_kv,
