@@ -73,41 +73,29 @@ class LiveBlocks {
 /// `cuda::AsyncAllocator` reports a failed `cudaMallocAsync`: a `shadowkv::Error`.
 class CountingDeviceAllocator final : public shadowkv::cuda::DeviceAllocator {
  public:
-  explicit CountingDeviceAllocator(FailNth* inject = nullptr) : inject_(inject) {
-    int device = 0;
-    SHADOWKV_CUDA_CHECK(cudaGetDevice(&device));
-    cudaMemPoolProps props{};
-    props.allocType = cudaMemAllocationTypePinned;
-    props.location.type = cudaMemLocationTypeDevice;
-    props.location.id = device;
-    SHADOWKV_CUDA_CHECK(cudaMemPoolCreate(&pool_, &props));
-  }
+  explicit CountingDeviceAllocator(FailNth* inject = nullptr) : inject_(inject) {}
   CountingDeviceAllocator(const CountingDeviceAllocator&) = delete;
   CountingDeviceAllocator& operator=(const CountingDeviceAllocator&) = delete;
-  ~CountingDeviceAllocator() override {
-    (void)cudaDeviceSynchronize();
-    (void)cudaMemPoolDestroy(pool_);
-  }
+  ~CountingDeviceAllocator() override { (void)cudaDeviceSynchronize(); }
 
   void* allocate(std::size_t bytes, cudaStream_t stream) override {
     if (bytes == 0) return nullptr;
     if (inject_ && inject_->next())
       SHADOWKV_FAIL("device allocation of ", bytes, " bytes failed: cudaErrorMemoryAllocation: out of memory (injected)");
-    void* ptr = nullptr;
-    SHADOWKV_CUDA_CHECK(cudaMallocFromPoolAsync(&ptr, bytes, pool_, stream));
+    void* ptr = pool_.allocate(bytes, stream);
     live_.add(ptr, bytes);
     return ptr;
   }
   void deallocate(void* ptr, std::size_t bytes, cudaStream_t stream) noexcept override {
     if (!ptr) return;
     live_.remove(ptr, bytes);
-    (void)cudaFreeAsync(ptr, stream);
+    pool_.deallocate(ptr, bytes, stream);
   }
   const LiveBlocks& live() const { return live_; }
 
  private:
   FailNth* inject_;
-  cudaMemPool_t pool_ = nullptr;
+  shadowkv::cuda::PoolAllocator pool_;
   LiveBlocks live_;
 };
 

@@ -385,6 +385,34 @@ class CountingHostAllocator final : public skc::HostAllocator {
 };
 }  // namespace
 
+TEST_CASE("gpu: PoolAllocator keeps freed memory until trim() and names itself when an allocation fails") {
+  SKV_REQUIRE_GPU();
+  skv_gpu_test::Stream ts;
+  const cudaStream_t stream = ts.get();
+  skc::PoolAllocator pool;
+  CHECK(pool.reserved_bytes() == 0);
+  CHECK(pool.allocate(0, stream) == nullptr);
+  {
+    skc::DeviceBuffer<float> a(1 << 20, stream, pool), b(3 << 20, stream, pool);
+    SHADOWKV_CUDA_CHECK(cudaMemsetAsync(a.data(), 0, a.bytes(), stream));
+    SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+    CHECK(pool.used_bytes() >= a.bytes() + b.bytes());
+  }
+  SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+  CHECK(pool.used_bytes() == 0);
+  const std::size_t kept = pool.reserved_bytes();
+  CHECK(kept >= (4u << 20) * sizeof(float));
+  std::size_t free_before = 0, free_after = 0, total = 0;
+  SHADOWKV_CUDA_CHECK(cudaMemGetInfo(&free_before, &total));
+  pool.trim();
+  SHADOWKV_CUDA_CHECK(cudaMemGetInfo(&free_after, &total));
+  CHECK(pool.reserved_bytes() == 0);
+  CHECK(free_after >= free_before + kept);  // back to the device
+  const std::string msg = skv_test::error_message([&] { (void)pool.allocate(std::size_t{1} << 50, stream); });
+  CHECK(msg.find("PoolAllocator") != std::string::npos);
+  CHECK(msg.find(std::to_string(std::size_t{1} << 50)) != std::string::npos);
+}
+
 TEST_CASE("gpu: CachingHostAllocator reuses blocks of the same size, honours its limit, releases upstream") {
   CountingHostAllocator upstream;
   {

@@ -93,16 +93,20 @@ struct CaseResult {
 /// Runs the same prompts and decode steps through both backends and compares.
 /// \param prefill_chunk prompt tokens per prefill call   \param queries prefill with queries
 /// \param host_allocator the GPU object's (default: the library's default)
+/// \param staging when given, the GPU object's staging allocator; each finish_prefill must
+///        leave nothing of it in use
 template <class Policy, class T>
 CaseResult run_case(const Config& cfg, const std::vector<index_t>& prompts, int layers, index_t steps,
                     index_t prefill_chunk, bool queries, std::mt19937_64& rng, bool expect_exact,
-                    skc::HostAllocator& host_allocator = skc::default_host_allocator()) {
+                    skc::HostAllocator& host_allocator = skc::default_host_allocator(),
+                    skc::PoolAllocator* staging = nullptr) {
   TestStream ts;
   const cudaStream_t stream = ts.get();
   const int hq = cfg.num_q_heads, hkv = cfg.num_kv_heads, d = cfg.head_dim;
   const index_t qrow = static_cast<index_t>(hq) * d, kvrow = static_cast<index_t>(hkv) * d;
   SparseAttention<Policy, CpuBackend, T> cpu(cfg, layers);
   SparseAttention<Policy, CudaBackend, T> gpu(cfg, layers, skc::default_allocator(), host_allocator);
+  if (staging) gpu.set_staging_allocator(*staging);
   std::vector<SequenceInputs<T>> ins;
   std::vector<SeqId> ids;
   const double tol = 2 * skv_test::attention_tolerance<T>();
@@ -144,7 +148,18 @@ CaseResult run_case(const Config& cfg, const std::vector<index_t>& prompts, int 
       }
     }
     cpu.finish_prefill(id);
+    if (staging) {
+      SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+      CHECK(staging->used_bytes() >= static_cast<std::size_t>(in.prompt) * kvrow * layers * 2 * sizeof(T));
+    }
     gpu.finish_prefill(id, stream);
+    if (staging) {  // the staged prompt and the eigensolver's work space are gone, the pool keeps them
+      SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+      CHECK(staging->used_bytes() == 0);
+      CHECK(staging->reserved_bytes() > 0);
+      staging->trim();
+      CHECK(staging->reserved_bytes() == 0);
+    }
     const MemoryUsage mc = cpu.memory(id), mg = gpu.memory(id);
     CHECK(mg.device_bytes == mc.device_bytes);
     CHECK(mg.host_bytes == mc.host_bytes);
@@ -311,6 +326,11 @@ TEST_CASE("gpu sparse_attention: partial budgets select as the CPU backend, with
       CHECK(cached.matching_heads >= 0.95 * cached.compared_heads);
       CHECK(cache.cached_bytes() > 0);
     }
+    // Staged prompts through a pool of their own, which every finish_prefill leaves unused.
+    skc::PoolAllocator staging;
+    const CaseResult pooled = run_case<ShadowKVPolicy, bf16>(cfg, prompts, 2, 4, 128, false, rng, false,
+                                                             skc::default_host_allocator(), &staging);
+    CHECK(pooled.matching_heads >= 0.95 * pooled.compared_heads);
   }
 }
 

@@ -107,6 +107,52 @@ class TasksTest(unittest.TestCase):
         self.assertTrue(bool(ans.any(dim=1).all()))  # every prompt has answer tokens
 
 
+class FocusMixTest(unittest.TestCase):
+    def test_mix_sets_needles_questions_length_and_passkey_share(self):
+        tasks = T.Tasks(words())
+        mix = T.FocusMix(length=2048, passkey=0.0, needles=(6, 9), queries=(2, 4))
+        seen_needles, seen_questions = set(), set()
+        for step in range(T.FOCUS_FROM, T.FOCUS_FROM + 6):
+            ids, ans, valid, length = T.make_batch(tasks, step, 1, 40000, 16384, 8192, mix=mix)
+            self.assertEqual(length, 2048)
+            self.assertEqual(ids.shape[0], 8192 // 2048)
+            for row in ids.tolist():
+                text = bytes(t for t in row if t < 256).decode("ascii")
+                self.assertNotIn("pass key", text)  # passkey share 0
+                needles = len(re.findall(r"is for \S+: \d+\.", text))
+                questions = text.count("What is the special magic number")
+                self.assertTrue(6 <= needles <= 9, needles)
+                self.assertTrue(2 <= questions <= 4, questions)
+                seen_needles.add(needles)
+                seen_questions.add(questions)
+        self.assertGreater(len(seen_needles), 1)  # the ranges are drawn from, not their ends
+        self.assertGreater(len(seen_questions), 1)
+
+    def test_default_mix_draws_what_runs_6_to_9_drew(self):
+        rng_a, rng_b = random.Random(3), random.Random(3)
+        old = [("passkey", 1, 1) if rng_a.random() < 0.2 else ("mk-niah", 4, 1) for _ in range(200)]
+        mix = T.FocusMix()
+        self.assertEqual([mix.draw(rng_b) for _ in range(200)], old)
+
+
+class ExportTest(unittest.TestCase):
+    def test_exported_folder_loads_back_as_a_checkpoint(self):
+        torch.manual_seed(5)
+        model = T.Model(tiny_config())
+        with tempfile.TemporaryDirectory() as tmp:
+            T.export(model, tmp, os.path.join(T.HERE, "words.txt"), "test", "words")
+            with open(os.path.join(tmp, "train_log.jsonl"), "w") as f:
+                f.write(json.dumps({"step": 40, "answer_loss": 1.0}) + "\n")
+                f.write(json.dumps({"step": 77, "final_eval": {}}) + "\n")
+            ck = T.load_exported(tmp)
+        self.assertEqual(ck["step"], 77)
+        self.assertEqual(ck["config"], tiny_config())
+        back = T.Model(ck["config"])
+        back.load_state_dict(ck["model"])  # every name maps back (strict)
+        for (name, a), (_, b) in zip(model.state_dict().items(), back.state_dict().items()):
+            self.assertTrue(torch.equal(a.to(torch.bfloat16).float(), b), name)  # the export is BF16
+
+
 class ScriptTest(unittest.TestCase):
     """The script end to end (--smoke: a tiny model on the CPU), then grown by a second run."""
 
@@ -135,6 +181,17 @@ class ScriptTest(unittest.TestCase):
                                  capture_output=True, text=True)
             self.assertEqual(bad.returncode, 2)
             self.assertIn("--grow needs --init", bad.stderr)
+            for arg, message in (("--focus-needles=5,3", "--focus-needles='5,3' is not MIN,MAX"),
+                                 ("--focus-queries=x", "--focus-queries='x' is not MIN,MAX"),
+                                 ("--focus-passkey=2", "--focus-passkey=2.0 is not in [0, 1]")):
+                bad = subprocess.run([sys.executable, SCRIPT, "--smoke", "--out", tmp, arg], capture_output=True,
+                                     text=True)
+                self.assertEqual(bad.returncode, 2, arg)
+                self.assertIn(message, bad.stderr)
+            # A second run from the exported folder (not the checkpoint) goes on from its step.
+            three = os.path.join(tmp, "three")
+            out = self.run_script("--out", three, "--init", two, "--focus-needles", "2,3", "--focus-queries", "1,2")
+            self.assertIn(f"weights of {two} at step", out)
 
             decode = os.environ.get("SHADOWKV_DECODE")
             if not decode:

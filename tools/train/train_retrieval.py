@@ -14,10 +14,12 @@ The loss is cross-entropy on the answer (digits + eos), plus a small weight on p
 byte. A curriculum raises the longest context from 512 to 16384 tokens. Each run stops at
 `--minutes`, writes a checkpoint that the next run can resume (`--resume`), and exports
 `config.json`, `model.safetensors` (BF16), `tasks.json` and `words.txt` into `--out`, the folder
-the C++ decoder and accuracy harness load. `--init CKPT` starts from an earlier run's weights and
-step with fresh optimizer moments (runs 4-6 started from run 3 this way); with `--grow` it also
+the C++ decoder and accuracy harness load. `--init CKPT` (a checkpoint, or an exported folder such
+as models/retrieval-6l) starts from an earlier run's weights and step with fresh optimizer
+moments (runs 4-6 started from run 3 this way); with `--grow` it also
 inserts fresh layers that start as the identity (run 7 grew run 6 from 4 to 6 layers).
-`--mk-key letter` swaps the two-word keys for one capital letter (tried, not shipped).
+`--mk-key letter` swaps the two-word keys for one capital letter (tried, not shipped). The
+`--focus-*` options set what the focus phase's short prompts hold (defaults: runs 6-9's mix).
 
 The task texts live in TASKS below and are written into tasks.json: the C++ accuracy harness
 builds its test prompts from that file, so training and testing use one definition.
@@ -321,21 +323,37 @@ def long_share(step, long_from, share, ramp):
     return share * min(1.0, (step - long_from + 1) / max(1, ramp))
 
 
-def make_batch(tasks, step, seed, total_steps, max_len, tokens_per_step, long_from=None, share=0.0, ramp=1):
+class FocusMix:
+    """What a focus-phase prompt holds: its length, the share of passkey prompts, and for
+    mk-niah the needle and question counts (inclusive ranges). The defaults are runs 6-9's."""
+
+    def __init__(self, length=FOCUS_LENGTH, passkey=0.2, needles=(4, 4), queries=(1, 1)):
+        self.length, self.passkey, self.needles, self.queries = length, passkey, needles, queries
+
+    def draw(self, rng):
+        if rng.random() < self.passkey:
+            return "passkey", 1, 1
+        # randint only for a real range, so that the default mix draws what runs 6-9 drew.
+        n = self.needles[0] if self.needles[0] == self.needles[1] else rng.randint(*self.needles)
+        q = self.queries[0] if self.queries[0] == self.queries[1] else rng.randint(*self.queries)
+        return "mk-niah", n, min(q, n)
+
+
+def make_batch(tasks, step, seed, total_steps, max_len, tokens_per_step, long_from=None, share=0.0, ramp=1,
+               mix=None):
     """Batch of one step (a pure function of seed, step and the options: re-runs and resumes
     repeat it)."""
     rng = random.Random(seed * 1_000_003 + step)
     if step >= FOCUS_FROM:
-        length = FOCUS_LENGTH
+        mix = mix or FocusMix()
+        length = mix.length
         p_long = long_share(step, long_from, share, ramp)
         if p_long > 0 and rng.random() < p_long:
             # Long prompts come back after the key matching is learned at 1K (--long-from):
             # mixed in from the start (run 5) they kept it from being learned.
             length = rng.choice([n for n in (2048, 4096, 8192, 16384) if n <= max_len] or [max_len])
 
-        def draw():  # one prompt in five passkey, the rest mk-niah with 4 needles, one question
-            return ("passkey", 1, 1) if rng.random() < 0.2 else ("mk-niah", 4, 1)
-        return collate(tasks, rng, max(1, tokens_per_step // length), length, draw)
+        return collate(tasks, rng, max(1, tokens_per_step // length), length, lambda: mix.draw(rng))
     top, levels = schedule_length(step, total_steps, max_len)
     # Half the steps at the current top length, the rest spread over the shorter levels.
     cands = [l for l in levels if l <= top]
@@ -395,7 +413,7 @@ class Batches(torch.utils.data.IterableDataset):
         step = self.start + w
         while True:
             yield make_batch(self.tasks, step, self.a.seed, self.a.total_steps, self.a.max_len, self.a.tokens_per_step,
-                             self.a.long_from, self.a.long_share, self.a.long_ramp)
+                             self.a.long_from, self.a.long_share, self.a.long_ramp, self.a.mix)
             step += n
 
 
@@ -442,6 +460,43 @@ def write_safetensors(path, tensors):
             f.write(b)
 
 
+def load_exported(folder):
+    """An exported model folder as a checkpoint dict: {"model": Model's state dict (float32),
+    "config", "step"}; the step is the last one its train_log.jsonl records (0 without a log)."""
+    with open(os.path.join(folder, "config.json")) as f:
+        c = json.load(f)
+    cfg = {k: c[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                             "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta",
+                             "max_position_embeddings")}
+    with open(os.path.join(folder, "model.safetensors"), "rb") as f:
+        n = struct.unpack("<Q", f.read(8))[0]
+        header = json.loads(f.read(n))
+        data = f.read()
+    hf = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] != "BF16":
+            raise ValueError(f"{folder}/model.safetensors: {name} is {meta['dtype']}, expected BF16")
+        b, e = meta["data_offsets"]
+        t = torch.frombuffer(bytearray(data[b:e]), dtype=torch.int16).view(torch.bfloat16)
+        hf[name] = t.float().reshape(meta["shape"])
+    # Model's own names from the Hugging Face ones that hf_state() writes.
+    state = {"embed_tokens.weight": hf.pop("model.embed_tokens.weight"), "norm.weight": hf.pop("model.norm.weight"),
+             "lm_head.weight": hf.pop("lm_head.weight")}
+    for name, t in hf.items():
+        name = name.removeprefix("model.").replace("self_attn.", "").replace("mlp.", "")
+        state[name] = t
+    step = 0
+    log = os.path.join(folder, "train_log.jsonl")
+    if os.path.exists(log):
+        with open(log) as f:
+            for line in f:
+                if line.strip():
+                    step = json.loads(line).get("step", step)
+    return {"model": state, "config": cfg, "step": step}
+
+
 def export(model, out, words_path, info, key_kind):
     os.makedirs(out, exist_ok=True)
     c = dict(model.c)
@@ -465,7 +520,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="folder for the exported model, checkpoint and log")
     ap.add_argument("--resume", help="checkpoint folder of an earlier run (ckpt_model.pt, ckpt_opt.pt)")
-    ap.add_argument("--init", help="ckpt_model.pt of an earlier run: its weights and step, fresh optimizer moments")
+    ap.add_argument("--init", help="ckpt_model.pt of an earlier run, or an exported model folder (config.json, "
+                    "model.safetensors, train_log.jsonl for the step): its weights and step, fresh optimizer moments")
     ap.add_argument("--minutes", type=float, default=9.0, help="stop training after this many minutes")
     ap.add_argument("--total-steps", type=int, default=10000, help="steps of the whole schedule (all runs)")
     ap.add_argument("--tokens-per-step", type=int, default=131072)
@@ -484,6 +540,15 @@ def main():
                     "so the grown model computes what the loaded one did")
     ap.add_argument("--mk-key", choices=KEY_KINDS, default="words",
                     help="mk-niah keys: two words joined by '-' (runs 1-6) or one capital letter")
+    ap.add_argument("--focus-length", type=int, default=FOCUS_LENGTH, help="focus phase: tokens per short prompt")
+    ap.add_argument("--focus-passkey", type=float, default=0.2, help="focus phase: share of passkey prompts")
+    ap.add_argument("--focus-needles", default="4,4", help="focus phase: MIN,MAX needles of an mk-niah prompt")
+    ap.add_argument("--focus-queries", default="1,1",
+                    help="focus phase: MIN,MAX questions of an mk-niah prompt (all but the last answered in the "
+                         "prompt, every answer trained on)")
+    ap.add_argument("--cosine-from", type=int,
+                    help="step where the cosine learning-rate schedule restarts (default: the focus phase's start)")
+    ap.add_argument("--workers", type=int, help="data-loader processes (default: min(10, CPUs - 2))")
     ap.add_argument("--smoke", action="store_true", help="a tiny model for a few steps on the CPU")
     a = ap.parse_args()
     if a.resume and a.init:
@@ -496,6 +561,20 @@ def main():
         ap.error(f"--eval-cases={a.eval_cases} must be >= 1")
     if a.long_ramp < 1:
         ap.error(f"--long-ramp={a.long_ramp} must be >= 1")
+    def int_range(name, text, lo):
+        try:
+            r = tuple(int(x) for x in text.split(","))
+        except ValueError:
+            r = ()
+        if len(r) != 2 or not lo <= r[0] <= r[1]:
+            ap.error(f"--{name}={text!r} is not MIN,MAX with {lo} <= MIN <= MAX")
+        return r
+    if not 0.0 <= a.focus_passkey <= 1.0:
+        ap.error(f"--focus-passkey={a.focus_passkey} is not in [0, 1]")
+    if a.focus_length < 256:
+        ap.error(f"--focus-length={a.focus_length} is below 256 tokens")
+    a.mix = FocusMix(a.focus_length, a.focus_passkey, int_range("focus-needles", a.focus_needles, 1),
+                     int_range("focus-queries", a.focus_queries, 1))
     grow = []
     if a.grow:
         if not a.init:
@@ -516,7 +595,10 @@ def main():
     words_path = os.path.join(HERE, "words.txt")
     tasks = Tasks(load_words(words_path), a.mk_key)
     ck = None
-    if a.resume or a.init:  # the checkpoint's own shapes (a grown model has more layers)
+    if a.init and os.path.isdir(a.init):
+        ck = load_exported(a.init)
+        cfg = ck["config"]
+    elif a.resume or a.init:  # the checkpoint's own shapes (a grown model has more layers)
         ck = torch.load(os.path.join(a.resume, "ckpt_model.pt") if a.resume else a.init, map_location=device)
         cfg = dict(ck.get("config", cfg))
     if grow and not all(0 <= g <= cfg["num_hidden_layers"] for g in grow):
@@ -544,7 +626,8 @@ def main():
     elif a.init:
         print(f"weights of {a.init} at step {step}; fresh optimizer moments", flush=True)
     if a.resume or a.init:  # the log goes on from the earlier run's (beside its checkpoint)
-        old = os.path.join(a.resume or os.path.dirname(os.path.abspath(a.init)), "train_log.jsonl")
+        old = os.path.join(a.resume or (a.init if os.path.isdir(a.init) else os.path.dirname(os.path.abspath(a.init))),
+                           "train_log.jsonl")
         if os.path.exists(old) and os.path.abspath(old) != os.path.abspath(log_path):
             with open(old) as src, open(log_path, "w") as dst:
                 dst.write(src.read())
@@ -565,7 +648,7 @@ def main():
     warmup = 50 if a.resume else 200  # --init: fresh moments, a full warmup
     first = step
     tokens = 0
-    workers = 0 if a.smoke else min(10, max(1, (os.cpu_count() or 2) - 2))
+    workers = 0 if a.smoke else (a.workers if a.workers is not None else min(10, max(1, (os.cpu_count() or 2) - 2)))
     extra = {"prefetch_factor": 4} if workers else {}
     loader = iter(torch.utils.data.DataLoader(Batches(tasks, step, a), batch_size=None, num_workers=workers,
                                               pin_memory=device.type == "cuda", **extra))
@@ -574,7 +657,7 @@ def main():
         length = int(length)
         ids, ans, valid = ids.to(device, non_blocking=True), ans.to(device), valid.to(device)
         # Cosine to 10% of --lr over the schedule; the focus phase (FOCUS_FROM on) restarts it.
-        start = FOCUS_FROM if step >= FOCUS_FROM else 0
+        start = a.cosine_from if a.cosine_from is not None else (FOCUS_FROM if step >= FOCUS_FROM else 0)
         frac = (step - start) / max(1, a.total_steps - start)
         lr = a.lr * min(1.0, (step - first + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:

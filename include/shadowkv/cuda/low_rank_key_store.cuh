@@ -168,13 +168,15 @@ class LowRankKeyStore<CudaBackend, T> {
 
   /// Streaming build, step 2: the top-`rank` eigenvectors of the Gram become the basis.
   /// Clears A (rows are projected afresh with `append`) and frees the Gram. Waits for the
-  /// eigensolver's status (a host synchronisation with `stream`).
-  void finalize_basis(cudaStream_t stream) {
+  /// eigensolver's status (a host synchronisation with `stream`). The eigensolver's work space
+  /// comes from `scratch` (default: this store's allocator).
+  void finalize_basis(cudaStream_t stream, cuda::DeviceAllocator* scratch = nullptr) {
     SHADOWKV_CHECK(gram_rows_ > 0, "finalize_basis() called before any accumulate()");
     const int dim = kv_dim();
     const long long elems = static_cast<long long>(dim) * dim;
-    cuda::DeviceBuffer<double> vectors(static_cast<std::size_t>(elems), stream, *allocator_);
-    cuda::DeviceBuffer<double> values(static_cast<std::size_t>(dim), stream, *allocator_);
+    cuda::DeviceAllocator& alloc = scratch ? *scratch : *allocator_;
+    cuda::DeviceBuffer<double> vectors(static_cast<std::size_t>(elems), stream, alloc);
+    cuda::DeviceBuffer<double> values(static_cast<std::size_t>(dim), stream, alloc);
     cuda::kernels::gram_to_double_kernel<float><<<cuda::detail::elementwise_grid(elems), 256, 0, stream>>>(
         gram_.data(), vectors.data(), elems);
     SHADOWKV_CUDA_CHECK_LAUNCH();
@@ -183,8 +185,8 @@ class LowRankKeyStore<CudaBackend, T> {
     int lwork = 0;
     SHADOWKV_CUSOLVER_CHECK(cusolverDnDsyevd_bufferSize(solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, dim,
                                                         vectors.data(), dim, values.data(), &lwork));
-    cuda::DeviceBuffer<double> work(static_cast<std::size_t>(lwork > 0 ? lwork : 1), stream, *allocator_);
-    cuda::DeviceBuffer<int> info(1, stream, *allocator_);
+    cuda::DeviceBuffer<double> work(static_cast<std::size_t>(lwork > 0 ? lwork : 1), stream, alloc);
+    cuda::DeviceBuffer<int> info(1, stream, alloc);
     SHADOWKV_CUSOLVER_CHECK(cusolverDnDsyevd(solver, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, dim,
                                              vectors.data(), dim, values.data(), work.data(), lwork, info.data()));
     int host_info = 0;
@@ -199,9 +201,11 @@ class LowRankKeyStore<CudaBackend, T> {
   /// rows accumulated) with their eigensolves batched: one `cusolverDnXsyevBatched` call per
   /// group of Grams (up to 256 MiB of float64 matrices at a time) instead of one `syevd` each —
   /// ~3x less time per matrix for the 1024² Grams of Llama-3.1-8B shapes. A multi-layer
-  /// `SparseAttention` builds its layers' bases this way. Handles and allocator of `stores[0]`.
-  /// Waits for the eigensolver's status once per group.
-  static void finalize_bases(std::span<LowRankKeyStore* const> stores, cudaStream_t stream) {
+  /// `SparseAttention` builds its layers' bases this way. Handles of `stores[0]`; the work
+  /// space from `scratch` (default: the allocator of `stores[0]`). Waits for the eigensolver's
+  /// status once per group.
+  static void finalize_bases(std::span<LowRankKeyStore* const> stores, cudaStream_t stream,
+                             cuda::DeviceAllocator* scratch = nullptr) {
     if (stores.empty()) return;
     LowRankKeyStore& first = *stores[0];
     for (std::size_t i = 0; i < stores.size(); ++i) {
@@ -215,7 +219,7 @@ class LowRankKeyStore<CudaBackend, T> {
       SHADOWKV_CHECK(s.gram_rows_ > 0, "finalize_bases: stores[", i, "] has no accumulate()d rows");
     }
     if (stores.size() == 1) {
-      first.finalize_basis(stream);
+      first.finalize_basis(stream, scratch);
       return;
     }
     const int dim = first.kv_dim();
@@ -223,7 +227,7 @@ class LowRankKeyStore<CudaBackend, T> {
     const std::size_t group =
         std::clamp<std::size_t>((std::size_t{256} << 20) / (static_cast<std::size_t>(elems) * sizeof(double)), 1,
                                 stores.size());
-    cuda::DeviceAllocator& alloc = *first.allocator_;
+    cuda::DeviceAllocator& alloc = scratch ? *scratch : *first.allocator_;
     cusolverDnHandle_t solver = first.handles().solver;
     SHADOWKV_CUSOLVER_CHECK(cusolverDnSetStream(solver, stream));
     cusolverDnParams_t params = nullptr;

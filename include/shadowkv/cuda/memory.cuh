@@ -51,6 +51,67 @@ inline DeviceAllocator& default_allocator() {
   return allocator;
 }
 
+/// `cudaMallocFromPoolAsync` on a memory pool of its own (current device at construction).
+/// Meant for memory that lives only for a while — a prompt's staging until `finish_prefill`
+/// (`SparseAttention::set_staging_allocator`): in a pool shared with long-lived state, freed
+/// staging leaves holes between the blocks still in use, which the pool cannot give back; here
+/// `trim()` returns all of it to the device once it is freed (until then the pool keeps freed
+/// memory for the next allocations). Not copyable; the pool goes when this object and every
+/// allocation from it are gone.
+class PoolAllocator final : public DeviceAllocator {
+ public:
+  PoolAllocator() {
+    int device = 0;
+    SHADOWKV_CUDA_CHECK(cudaGetDevice(&device));
+    cudaMemPoolProps props{};
+    props.allocType = cudaMemAllocationTypePinned;
+    props.location.type = cudaMemLocationTypeDevice;
+    props.location.id = device;
+    SHADOWKV_CUDA_CHECK(cudaMemPoolCreate(&pool_, &props));
+    // Keep freed memory until trim(): by default a pool gives it back at every synchronisation.
+    std::uint64_t keep = UINT64_MAX;
+    const cudaError_t status = cudaMemPoolSetAttribute(pool_, cudaMemPoolAttrReleaseThreshold, &keep);
+    if (status != cudaSuccess) {
+      (void)cudaMemPoolDestroy(pool_);
+      SHADOWKV_CUDA_CHECK(status);
+    }
+  }
+  PoolAllocator(const PoolAllocator&) = delete;
+  PoolAllocator& operator=(const PoolAllocator&) = delete;
+  ~PoolAllocator() override { (void)cudaMemPoolDestroy(pool_); }
+
+  void* allocate(std::size_t bytes, cudaStream_t stream) override {
+    void* ptr = nullptr;
+    if (bytes == 0) return nullptr;
+    const cudaError_t status = cudaMallocFromPoolAsync(&ptr, bytes, pool_, stream);
+    if (status != cudaSuccess) {
+      (void)cudaGetLastError();
+      SHADOWKV_FAIL("device allocation of ", bytes, " bytes from a PoolAllocator failed: ", cudaGetErrorName(status),
+                    ": ", cudaGetErrorString(status));
+    }
+    return ptr;
+  }
+  void deallocate(void* ptr, std::size_t, cudaStream_t stream) noexcept override {
+    if (ptr) (void)cudaFreeAsync(ptr, stream);
+  }
+  /// Gives the device back all but `keep_bytes` of the memory the pool holds and no
+  /// allocation uses. Frees are stream-ordered: synchronise the streams that freed first.
+  void trim(std::size_t keep_bytes = 0) { SHADOWKV_CUDA_CHECK(cudaMemPoolTrimTo(pool_, keep_bytes)); }
+  /// Device memory the pool holds (in use or not).
+  std::size_t reserved_bytes() const { return attribute(cudaMemPoolAttrReservedMemCurrent); }
+  /// Device memory its live allocations use.
+  std::size_t used_bytes() const { return attribute(cudaMemPoolAttrUsedMemCurrent); }
+  cudaMemPool_t pool() const { return pool_; }
+
+ private:
+  std::size_t attribute(cudaMemPoolAttr attr) const {
+    std::uint64_t v = 0;
+    SHADOWKV_CUDA_CHECK(cudaMemPoolGetAttribute(pool_, attr, &v));
+    return static_cast<std::size_t>(v);
+  }
+  cudaMemPool_t pool_ = nullptr;
+};
+
 /// `n` elements of `T` in device memory, freed (stream-ordered) on destruction. Move-only.
 template <class T>
 class DeviceBuffer {

@@ -271,6 +271,14 @@ class SparseAttention<Policy, CudaBackend, T> {
   /// selection `decode` makes (sparse policies; see `cuda::SelectionHook`).
   void set_selection_hook(cuda::SelectionHook hook) { selection_hook_ = std::move(hook); }
 
+  /// Where the memory that lives only until `finish_prefill` comes from: the staged prompt
+  /// (`reserve_prompt`/`prefill`) and the eigensolver's work space. The default is the
+  /// constructor's allocator. A pool of its own (`cuda::PoolAllocator`) keeps the freed staging
+  /// from leaving holes among the long-lived state, and can be trimmed once a batch is built.
+  /// Buffers remember their allocator, so this may change at any time; it must outlive every
+  /// sequence staged through it.
+  void set_staging_allocator(cuda::DeviceAllocator& allocator) { staging_allocator_ = &allocator; }
+
   /// Registers a new, empty sequence.
   void add_sequence(SeqId id) {
     SHADOWKV_CHECK(!seqs_.contains(id), "sequence id=", id, " already exists");
@@ -400,7 +408,7 @@ class SparseAttention<Policy, CudaBackend, T> {
         std::vector<Store*> stores;
         for (int l = 0; l < num_layers_; ++l)
           stores.push_back(&built[l].keys.emplace(s.layers[l].keys->clone(stream)));
-        Store::finalize_bases(stores, stream);
+        Store::finalize_bases(stores, stream, staging_allocator_);
         for (int l = 0; l < num_layers_; ++l) build_layer_keys(s.layers[l], built[l], stream);
       }
     }
@@ -597,15 +605,16 @@ class SparseAttention<Policy, CudaBackend, T> {
   /// Grows the staged prompt of `st` to hold `capacity` tokens (never shrinks).
   void reserve_staging(LayerState& st, index_t capacity, cudaStream_t stream) {
     if (capacity <= st.staged_capacity) return;
-    grow(st.staged_k, st.length, capacity, stream);
-    grow(st.staged_v, st.length, capacity, stream);
-    if constexpr (kLowRank) grow(st.staged_k_pre, st.length, capacity, stream);
+    grow(st.staged_k, st.length, capacity, *staging_allocator_, stream);
+    grow(st.staged_v, st.length, capacity, *staging_allocator_, stream);
+    if constexpr (kLowRank) grow(st.staged_k_pre, st.length, capacity, *staging_allocator_, stream);
     st.staged_capacity = capacity;
   }
 
   /// Replaces `buf` by one of `capacity` token rows keeping its first `rows` rows.
-  void grow(cuda::DeviceBuffer<D>& buf, index_t rows, index_t capacity, cudaStream_t stream) {
-    cuda::DeviceBuffer<D> bigger(static_cast<std::size_t>(capacity) * kv_row(), stream, *allocator_);
+  void grow(cuda::DeviceBuffer<D>& buf, index_t rows, index_t capacity, cuda::DeviceAllocator& allocator,
+            cudaStream_t stream) {
+    cuda::DeviceBuffer<D> bigger(static_cast<std::size_t>(capacity) * kv_row(), stream, allocator);
     if (rows > 0)
       SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(bigger.data(), buf.data(), static_cast<std::size_t>(rows) * kv_row() * sizeof(D),
                                           cudaMemcpyDeviceToDevice, stream));
@@ -731,8 +740,8 @@ class SparseAttention<Policy, CudaBackend, T> {
   void reserve_generated(LayerState& st, cudaStream_t stream) {
     if (st.gen_rows < st.gen_capacity) return;
     const index_t cap = st.gen_capacity + kGeneratedBlock;
-    grow(st.gen_k, st.gen_rows, cap, stream);
-    grow(st.gen_v, st.gen_rows, cap, stream);
+    grow(st.gen_k, st.gen_rows, cap, *allocator_, stream);
+    grow(st.gen_v, st.gen_rows, cap, *allocator_, stream);
     st.gen_capacity = cap;
   }
 
@@ -1094,6 +1103,7 @@ class SparseAttention<Policy, CudaBackend, T> {
   Config config_;
   int num_layers_;
   cuda::DeviceAllocator* allocator_;
+  cuda::DeviceAllocator* staging_allocator_ = allocator_;
   cuda::HostAllocator* host_allocator_;
   RopeTable rope_;
   cuda::DeviceBuffer<float> rope_device_;
