@@ -879,7 +879,9 @@ void run_policy(const Options& o, const ModelShape& s, const Config& base_cfg, l
       prefill_sequence(attn, i, s, context, chunk, kbuf, vbuf, o.seed + 1000u * static_cast<unsigned>(context >> 10), stream);
       SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
       ids.push_back(i);
-      progress("%s %lld: sequence %d/%d prefilled in %.2f s", name, context, i + 1, b_max, elapsed_s() - t0);
+      progress("%s %lld: sequence %d/%d prefilled in %.2f s; device free %.2f GiB, staging pool %.2f GiB", name,
+               context, i + 1, b_max, elapsed_s() - t0, device_free_total().first / kGiB,
+               staging_pool().reserved_bytes() / kGiB);
     }
     kbuf = {};
     vbuf = {};

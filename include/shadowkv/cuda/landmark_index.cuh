@@ -168,9 +168,11 @@ class LandmarkIndex<CudaBackend, T> {
   /// stream-ordered on the stream they were built on, so work still reading them must be
   /// ordered before that stream's next work. Throws `shadowkv::Error` naming the argument
   /// before any CUDA call for a bad shape or a null pointer, and for a failed allocation or
-  /// launch (the index then keeps its previous contents).
+  /// launch (the index then keeps its previous contents). The scratch comes from `scratch`
+  /// when given (e.g. a pool for memory that lives only while a prompt is built), else from
+  /// the index's allocator.
   void build(const T* keys_post_rope, index_t num_tokens, long long token_stride, int num_outlier_chunks,
-             cudaStream_t stream) {
+             cudaStream_t stream, cuda::DeviceAllocator* scratch = nullptr) {
     cuda::landmark_build_launch::check_key_shapes(num_tokens, token_stride, num_kv_heads_, head_dim_, chunk_size_);
     const index_t n_chunks = num_tokens / chunk_size_;
     SHADOWKV_CHECK(num_outlier_chunks >= 0 && num_outlier_chunks <= n_chunks, "num_outlier_chunks=",
@@ -186,7 +188,8 @@ class LandmarkIndex<CudaBackend, T> {
       landmarks = make_buffer<T>(h * static_cast<std::size_t>(m) * d, stream);
       landmark_ids = make_buffer<std::int32_t>(h * static_cast<std::size_t>(m), stream);
       outlier_ids = make_buffer<std::int32_t>(h * static_cast<std::size_t>(num_outlier_chunks), stream);
-      cuda::DeviceBuffer<float> min_cosine = make_buffer<float>(h * static_cast<std::size_t>(n_chunks), stream);
+      cuda::DeviceAllocator& temp = scratch ? *scratch : *allocator_;
+      cuda::DeviceBuffer<float> min_cosine = make_buffer<float>(h * static_cast<std::size_t>(n_chunks), stream, temp);
       // The means go straight into the landmarks when every chunk is one; with outliers they
       // are gathered from a scratch copy once the split is known; with no landmark, nowhere.
       cuda::DeviceBuffer<T> means;
@@ -194,7 +197,7 @@ class LandmarkIndex<CudaBackend, T> {
       if (m == n_chunks) {
         means_out = landmarks.data();
       } else if (m > 0) {
-        means = make_buffer<T>(h * static_cast<std::size_t>(n_chunks) * d, stream);
+        means = make_buffer<T>(h * static_cast<std::size_t>(n_chunks) * d, stream, temp);
         means_out = means.data();
       }
       cuda::landmark_build_launch::launch_chunk_stats(keys_post_rope, n_chunks, token_stride, num_kv_heads_,
@@ -279,7 +282,11 @@ class LandmarkIndex<CudaBackend, T> {
   /// An empty buffer for n = 0 (no allocator call), else n elements from the allocator.
   template <class E>
   cuda::DeviceBuffer<E> make_buffer(std::size_t n, cudaStream_t stream) const {
-    return n == 0 ? cuda::DeviceBuffer<E>() : cuda::DeviceBuffer<E>(n, stream, *allocator_);
+    return make_buffer<E>(n, stream, *allocator_);
+  }
+  template <class E>
+  static cuda::DeviceBuffer<E> make_buffer(std::size_t n, cudaStream_t stream, cuda::DeviceAllocator& allocator) {
+    return n == 0 ? cuda::DeviceBuffer<E>() : cuda::DeviceBuffer<E>(n, stream, allocator);
   }
   template <class E>
   static std::vector<E> download(const E* src, std::size_t offset, std::size_t n, cudaStream_t stream) {

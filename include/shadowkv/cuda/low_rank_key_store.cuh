@@ -127,6 +127,10 @@ class LowRankKeyStore<CudaBackend, T> {
 
   /// Uses the engine's cuBLAS/cuSOLVER handles instead of this thread's (`thread_library_handles`).
   void set_handles(cuda::LibraryHandles handles) { handles_ = handles; }
+  /// Where the build's short-lived memory comes from — the Gram, the eigensolver's work space,
+  /// the projection of `append` — instead of the allocator of A and the basis (e.g. a pool of
+  /// memory that lives only while a prompt is built). Must outlive the store; `clone` keeps it.
+  void set_scratch_allocator(cuda::DeviceAllocator& scratch) { scratch_ = &scratch; }
 
   /// One-shot build from `num_tokens` rows of pre-RoPE keys: Gram, eigendecomposition, A.
   /// Replaces any previous content.
@@ -147,7 +151,7 @@ class LowRankKeyStore<CudaBackend, T> {
     const int dim = kv_dim();
     const float beta = gram_.size() == 0 ? 0.0f : 1.0f;
     if (gram_.size() == 0) {
-      gram_ = cuda::DeviceBuffer<float>(static_cast<std::size_t>(dim) * dim, stream, *allocator_);
+      gram_ = cuda::DeviceBuffer<float>(static_cast<std::size_t>(dim) * dim, stream, *scratch_);
       // The GEMM below (beta = 0) writes every element, but compute-sanitizer initcheck did not
       // see the writes of the bf16 GEMM on the H200 (likely tensor-memory-accelerator stores) and
       // flagged the Gram's copy in finish_prefill as uninitialized: zero it first (dim² floats,
@@ -169,12 +173,12 @@ class LowRankKeyStore<CudaBackend, T> {
   /// Streaming build, step 2: the top-`rank` eigenvectors of the Gram become the basis.
   /// Clears A (rows are projected afresh with `append`) and frees the Gram. Waits for the
   /// eigensolver's status (a host synchronisation with `stream`). The eigensolver's work space
-  /// comes from `scratch` (default: this store's allocator).
+  /// comes from `scratch` (default: this store's scratch allocator).
   void finalize_basis(cudaStream_t stream, cuda::DeviceAllocator* scratch = nullptr) {
     SHADOWKV_CHECK(gram_rows_ > 0, "finalize_basis() called before any accumulate()");
     const int dim = kv_dim();
     const long long elems = static_cast<long long>(dim) * dim;
-    cuda::DeviceAllocator& alloc = scratch ? *scratch : *allocator_;
+    cuda::DeviceAllocator& alloc = scratch ? *scratch : *scratch_;
     cuda::DeviceBuffer<double> vectors(static_cast<std::size_t>(elems), stream, alloc);
     cuda::DeviceBuffer<double> values(static_cast<std::size_t>(dim), stream, alloc);
     cuda::kernels::gram_to_double_kernel<float><<<cuda::detail::elementwise_grid(elems), 256, 0, stream>>>(
@@ -202,8 +206,8 @@ class LowRankKeyStore<CudaBackend, T> {
   /// group of Grams (up to 256 MiB of float64 matrices at a time) instead of one `syevd` each —
   /// ~3x less time per matrix for the 1024² Grams of Llama-3.1-8B shapes. A multi-layer
   /// `SparseAttention` builds its layers' bases this way. Handles of `stores[0]`; the work
-  /// space from `scratch` (default: the allocator of `stores[0]`). Waits for the eigensolver's
-  /// status once per group.
+  /// space from `scratch` (default: the scratch allocator of `stores[0]`). Waits for the
+  /// eigensolver's status once per group.
   static void finalize_bases(std::span<LowRankKeyStore* const> stores, cudaStream_t stream,
                              cuda::DeviceAllocator* scratch = nullptr) {
     if (stores.empty()) return;
@@ -227,7 +231,7 @@ class LowRankKeyStore<CudaBackend, T> {
     const std::size_t group =
         std::clamp<std::size_t>((std::size_t{256} << 20) / (static_cast<std::size_t>(elems) * sizeof(double)), 1,
                                 stores.size());
-    cuda::DeviceAllocator& alloc = scratch ? *scratch : *first.allocator_;
+    cuda::DeviceAllocator& alloc = scratch ? *scratch : *first.scratch_;
     cusolverDnHandle_t solver = first.handles().solver;
     SHADOWKV_CUSOLVER_CHECK(cusolverDnSetStream(solver, stream));
     cusolverDnParams_t params = nullptr;
@@ -279,7 +283,7 @@ class LowRankKeyStore<CudaBackend, T> {
     // The projection V_r (column-major r × dim), from the basis rounded to T — the one
     // reconstruction uses — for this call only.
     const long long elems = static_cast<long long>(kv_dim()) * rank_;
-    cuda::DeviceBuffer<D> proj(static_cast<std::size_t>(elems), stream, *allocator_);
+    cuda::DeviceBuffer<D> proj(static_cast<std::size_t>(elems), stream, *scratch_);
     cuda::kernels::projection_from_basis_kernel<D><<<cuda::detail::elementwise_grid(elems), 256, 0, stream>>>(
         basis_.data(), num_kv_heads_, head_dim_, rank_, proj.data());
     SHADOWKV_CUDA_CHECK_LAUNCH();
@@ -308,14 +312,15 @@ class LowRankKeyStore<CudaBackend, T> {
     a_capacity_ = grown;
   }
 
-  /// A copy of this store (Gram, basis and A; same allocator and handles), made on `stream`.
+  /// A copy of this store (Gram, basis and A; same allocators and handles), made on `stream`.
   LowRankKeyStore clone(cudaStream_t stream) const {
     LowRankKeyStore c(num_kv_heads_, head_dim_, rank_, *allocator_);
     c.handles_ = handles_;
-    c.gram_ = copy_of(gram_, gram_.size(), stream);
+    c.scratch_ = scratch_;
+    c.gram_ = copy_of(gram_, gram_.size(), *scratch_, stream);
     c.gram_rows_ = gram_rows_;
-    c.basis_ = copy_of(basis_, basis_.size(), stream);
-    c.a_ = copy_of(a_, static_cast<std::size_t>(rows_) * rank_, stream);
+    c.basis_ = copy_of(basis_, basis_.size(), *allocator_, stream);
+    c.a_ = copy_of(a_, static_cast<std::size_t>(rows_) * rank_, *allocator_, stream);
     c.rows_ = rows_;
     c.a_capacity_ = a_capacity_;
     return c;
@@ -366,9 +371,10 @@ class LowRankKeyStore<CudaBackend, T> {
   }
   /// A buffer of `src.size()` elements holding the first `n` of `src` (empty when `src` is).
   template <class E>
-  cuda::DeviceBuffer<E> copy_of(const cuda::DeviceBuffer<E>& src, std::size_t n, cudaStream_t stream) const {
+  static cuda::DeviceBuffer<E> copy_of(const cuda::DeviceBuffer<E>& src, std::size_t n, cuda::DeviceAllocator& allocator,
+                                       cudaStream_t stream) {
     if (src.size() == 0) return {};
-    cuda::DeviceBuffer<E> dst(src.size(), stream, *allocator_);
+    cuda::DeviceBuffer<E> dst(src.size(), stream, allocator);
     if (n > 0)
       SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(dst.data(), src.data(), n * sizeof(E), cudaMemcpyDeviceToDevice, stream));
     return dst;
@@ -384,6 +390,7 @@ class LowRankKeyStore<CudaBackend, T> {
 
   int num_kv_heads_, head_dim_, rank_;
   cuda::DeviceAllocator* allocator_;
+  cuda::DeviceAllocator* scratch_ = allocator_;  // Gram, eigensolver work space, projection
   cuda::LibraryHandles handles_{};
   cuda::DeviceBuffer<float> gram_;  // [dim, dim] column-major, streaming build only
   index_t gram_rows_ = 0;

@@ -272,7 +272,8 @@ class SparseAttention<Policy, CudaBackend, T> {
   void set_selection_hook(cuda::SelectionHook hook) { selection_hook_ = std::move(hook); }
 
   /// Where the memory that lives only until `finish_prefill` comes from: the staged prompt
-  /// (`reserve_prompt`/`prefill`) and the eigensolver's work space. The default is the
+  /// (`reserve_prompt`/`prefill`), the key Gram matrices, the eigensolver's work space and the
+  /// landmark build's scratch. The default is the
   /// constructor's allocator. A pool of its own (`cuda::PoolAllocator`) keeps the freed staging
   /// from leaving holes among the long-lived state, and can be trimmed once a batch is built.
   /// Buffers remember their allocator, so this may change at any time; it must outlive every
@@ -360,7 +361,10 @@ class SparseAttention<Policy, CudaBackend, T> {
     // update below leaves the sequence as it was, and the call can be retried.
     if (!queries.empty()) prefill_attention(st, start, queries, out, stream);
     if constexpr (kLowRank) {
-      if (!st.keys) st.keys.emplace(config_.num_kv_heads, config_.head_dim, config_.rank, *allocator_);
+      if (!st.keys) {
+        st.keys.emplace(config_.num_kv_heads, config_.head_dim, config_.rank, *allocator_);
+        st.keys->set_scratch_allocator(*staging_allocator_);
+      }
       st.keys->accumulate(keys_pre_rope.data, n, static_cast<long long>(row), stream);
     }
     st.length = start + n;
@@ -702,7 +706,7 @@ class SparseAttention<Policy, CudaBackend, T> {
       st.local_begin = indexed;
       st.index.emplace(hkv, d, c, *allocator_);
       st.index->build(reinterpret_cast<const T*>(staged.staged_k.data()), indexed, static_cast<long long>(kv_row()),
-                      outliers, stream);
+                      outliers, stream, staging_allocator_);
       const index_t m = st.index->num_landmarks();
       st.k_sel = std::min<index_t>(config_.budget_chunks(), m);
       st.selected_chunk_ids = cuda::DeviceBuffer<std::int32_t>(static_cast<std::size_t>(hkv) * st.k_sel, stream,
