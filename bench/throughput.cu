@@ -844,8 +844,8 @@ void run_policy(const Options& o, const ModelShape& s, const Config& base_cfg, l
       const std::size_t slope = plan_sequence<Policy>(one, s.layers, context, generated, DType::bf16).device_bytes -
                                 plan0.device_bytes;  // per chunk of capacity, per sequence
       const std::size_t per_seq = device_budget / b_max;
-      // 10% of the room is left to the allocator (pool granularity, fragmentation between the
-      // staging freed at each finish_prefill and the state kept).
+      // 10% of the room is left to the allocator as a margin (pool granularity). Staging and
+      // build scratch live in staging_pool(), so they no longer fragment the state's pool.
       const std::size_t extra = per_seq > plan0.device_bytes ? (per_seq - plan0.device_bytes) / 10 * 9 / slope : 0;
       cfg.value_cache_chunks = static_cast<int>(std::min<std::size_t>(cfg.budget_chunks() + extra, cap_limit));
       if (cfg.value_cache_chunks < cfg.budget_chunks()) cfg.value_cache_chunks = cfg.budget_chunks();
