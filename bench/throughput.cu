@@ -430,6 +430,7 @@ struct Row {
   std::size_t measured_device_bytes_per_seq = 0;
   double pcie_mb_per_step = 0, attention_hbm_mb_per_step = 0;
   double host_issue_ms_per_step = 0;  // host time spent enqueueing a step
+  double attention_ms_per_step = 0;   // of one more step, events around each layer's attention
   std::string mode = "seen";
 };
 
@@ -482,7 +483,8 @@ void write_json(const Report& r, const std::string& path) {
       << ", \"measured_device_bytes_per_seq\": " << w.measured_device_bytes_per_seq
       << ", \"pcie_mb_per_step\": " << num_or_null(w.pcie_mb_per_step, true)
       << ", \"attention_hbm_mb_per_step\": " << num_or_null(w.attention_hbm_mb_per_step, true)
-      << ", \"host_issue_ms_per_step\": " << num_or_null(w.host_issue_ms_per_step, true) << ", \"mode\": \""
+      << ", \"host_issue_ms_per_step\": " << num_or_null(w.host_issue_ms_per_step, true)
+      << ", \"attention_ms_per_step\": " << num_or_null(w.attention_ms_per_step, true) << ", \"mode\": \""
       << w.mode << "\"}" << (i + 1 < r.rows.size() ? "," : "") << "\n";
   }
   f << "  ]\n}\n";
@@ -711,11 +713,43 @@ void prefill_sequence(Attention<Policy>& attn, SeqId id, const ModelShape& s, lo
 }
 
 /// Everything a decode step needs.
+/// CUDA events around each layer's attention call of one decode step (`decode_step` records
+/// them when an `Engine` points at one): the step's time in attention against the rest.
+struct AttentionTimer {
+  std::vector<cudaEvent_t> begin, end;
+  explicit AttentionTimer(int layers) : begin(layers), end(layers) {
+    for (int l = 0; l < layers; ++l) {
+      SHADOWKV_CUDA_CHECK(cudaEventCreate(&begin[l]));
+      SHADOWKV_CUDA_CHECK(cudaEventCreate(&end[l]));
+    }
+  }
+  AttentionTimer(const AttentionTimer&) = delete;
+  AttentionTimer& operator=(const AttentionTimer&) = delete;
+  ~AttentionTimer() {
+    for (std::size_t l = 0; l < begin.size(); ++l) {
+      (void)cudaEventDestroy(begin[l]);
+      (void)cudaEventDestroy(end[l]);
+    }
+  }
+  /// Milliseconds in attention, all layers (waits for the last event).
+  double ms() const {
+    SHADOWKV_CUDA_CHECK(cudaEventSynchronize(end.back()));
+    double total = 0;
+    for (std::size_t l = 0; l < begin.size(); ++l) {
+      float t = 0;
+      SHADOWKV_CUDA_CHECK(cudaEventElapsedTime(&t, begin[l], end[l]));
+      total += t;
+    }
+    return total;
+  }
+};
+
 struct Engine {
   const Model* model;
   Activations* act;
   cublasHandle_t blas;
   cudaStream_t stream;
+  AttentionTimer* attention_timer = nullptr;  // set for one instrumented step
 };
 
 /// One greedy decode step of `b` sequences `ids` (the first b of the prefilled ones).
@@ -736,11 +770,13 @@ void decode_step(Engine& e, Attention<Policy>& attn, std::span<const SeqId> ids)
     linear(e.blas, st, a.xn.data(), w.qkv, a.qkv.data(), CUDA_R_16BF, b, s.qkv_dim(), s.hidden);
     split_qkv_kernel<<<ew, 256, 0, st>>>(a.qkv.data(), b, s.q_dim(), s.kv_dim(), a.q.data(), a.k.data(), a.v.data());
     SHADOWKV_CUDA_CHECK_LAUNCH();
+    if (e.attention_timer) SHADOWKV_CUDA_CHECK(cudaEventRecord(e.attention_timer->begin[l], st));
     attn.at(l).decode(attn.local(l), ids,
                       TensorView<const bf16, 3>(reinterpret_cast<const bf16*>(a.q.data()), {b, s.q_heads, s.head_dim}),
                       TensorView<const bf16, 3>(reinterpret_cast<const bf16*>(a.k.data()), {b, s.kv_heads, s.head_dim}),
                       TensorView<const bf16, 3>(reinterpret_cast<const bf16*>(a.v.data()), {b, s.kv_heads, s.head_dim}),
                       TensorView<bf16, 3>(reinterpret_cast<bf16*>(a.attn.data()), {b, s.q_heads, s.head_dim}), st);
+    if (e.attention_timer) SHADOWKV_CUDA_CHECK(cudaEventRecord(e.attention_timer->end[l], st));
     linear(e.blas, st, a.attn.data(), w.o, a.h.data(), CUDA_R_16BF, b, s.hidden, s.q_dim());
     add_rmsnorm_kernel<<<b, 256, 0, st>>>(a.x.data(), a.h.data(), w.mlp_norm, a.xn.data(), s.hidden, s.rms_eps);
     SHADOWKV_CUDA_CHECK_LAUNCH();
@@ -769,7 +805,7 @@ const char* policy_name(bool sparse) { return sparse ? "shadowkv" : "dense"; }
 /// configuration, rounded up to the 256-token blocks generated rows are allocated in.
 index_t planned_generated(const Options& o) {
   const int runs = static_cast<int>(std::max(o.batches.size(), o.batch_fractions.size()) + o.what_if.size());
-  return (static_cast<index_t>(runs) * (o.warmup + o.steps) + 255) / 256 * 256;
+  return (static_cast<index_t>(runs) * (o.warmup + o.steps + 1) + 255) / 256 * 256;  // + the attention-timed step
 }
 
 /// Bytes staged on the device while one build unit (a layer, or the whole model with
@@ -957,8 +993,17 @@ void run_policy(const Options& o, const ModelShape& s, const Config& base_cfg, l
       }
       row.attention_hbm_mb_per_step = st.hbm_bytes / 1e6 / o.steps;
       row.host_issue_ms_per_step = issue_ms / o.steps;
-      progress("%s %lld batch %d (%s): %.2f ms/step (host enqueues in %.2f ms), %.1f tokens/s, hit rate %s%%, PCIe "
-               "%.1f MB/step", name, context, b, row.mode.c_str(), row.ms_per_step, row.host_issue_ms_per_step,
+      {  // one more step with events around each layer's attention: its share of the step
+        AttentionTimer at(s.layers);
+        engine.attention_timer = &at;
+        decode_step(engine, attn, run_ids);
+        engine.attention_timer = nullptr;
+        row.attention_ms_per_step = at.ms();
+        generated0 += 1;
+      }
+      progress("%s %lld batch %d (%s): %.2f ms/step (host enqueues in %.2f ms; attention %.2f ms of one more step), "
+               "%.1f tokens/s, hit rate %s%%, PCIe %.1f MB/step", name, context, b, row.mode.c_str(), row.ms_per_step,
+               row.host_issue_ms_per_step, row.attention_ms_per_step,
                row.tokens_per_s, row.has_hit_rate ? num_or_null(row.hit_rate * 100, true, 4).c_str() : "-",
                row.pcie_mb_per_step);
       report.rows.push_back(row);

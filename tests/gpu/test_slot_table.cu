@@ -210,6 +210,30 @@ int launch_and_check(std::vector<std::unique_ptr<Sequence>>& batch, const StepIn
   d_misses.fill_bytes(kPoisonByte);
   d_num_misses.upload({0});
   d_invalid.upload({0});
+  // The selection record the update writes on the way: every row, valid or not, gets the
+  // prompt chunk of each selected landmark (random ids here), and the next step's miss counter
+  // is zeroed.
+  std::vector<std::vector<std::int32_t>> chunk_ids(static_cast<std::size_t>(b_count));
+  std::vector<std::unique_ptr<DeviceBuffer<std::int32_t>>> d_chunk_ids;
+  std::vector<std::unique_ptr<Guarded<std::int32_t>>> d_records;
+  std::vector<skc::SelectionRecordSequence> records(static_cast<std::size_t>(b_count));
+  for (int b = 0; b < b_count; ++b) {
+    const long long m = std::max<long long>(0, in.descriptors[static_cast<std::size_t>(b)].num_chunks);
+    auto& ids = chunk_ids[static_cast<std::size_t>(b)];
+    ids.resize(static_cast<std::size_t>(std::max<long long>(1, m * h_count)));
+    for (std::size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<std::int32_t>((i * 2654435761u + b * 97u) % 1000003u);
+    d_chunk_ids.push_back(std::make_unique<DeviceBuffer<std::int32_t>>(ids.size()));
+    d_chunk_ids.back()->upload(ids);
+    const int record_k = static_cast<int>(std::min<long long>(k, m));
+    d_records.push_back(std::make_unique<Guarded<std::int32_t>>(static_cast<std::size_t>(std::max(1, h_count * record_k))));
+    d_records.back()->fill_bytes(kPoisonByte);
+    records[static_cast<std::size_t>(b)] = {d_chunk_ids.back()->get(), m, record_k > 0 ? d_records.back()->get() : nullptr,
+                                            record_k};
+  }
+  DeviceBuffer<skc::SelectionRecordSequence> d_record_seqs(records.size());
+  d_record_seqs.upload(records);
+  Guarded<int> d_next_misses(1);
+  d_next_misses.upload({12345});
 
   skc::SlotTableParams p;
   p.sequences = d_descriptors->get();
@@ -223,6 +247,8 @@ int launch_and_check(std::vector<std::unique_ptr<Sequence>>& batch, const StepIn
   p.num_misses = d_num_misses.get();
   p.counters = counters.device.get();
   p.maybe_num_invalid = d_invalid.get();
+  p.records = d_record_seqs.get();
+  p.next_num_misses = d_next_misses.get();
   skc::update_slot_tables(p, stream.get());
   stream.sync();
 
@@ -230,6 +256,28 @@ int launch_and_check(std::vector<std::unique_ptr<Sequence>>& batch, const StepIn
   auto fail = [&](const std::string& what) {
     if (failures++ < 8) FAIL_CHECK(what);
   };
+  if (d_next_misses.download()[0] != 0) fail("next_num_misses was not zeroed");
+  if (!d_next_misses.guards_intact()) fail("next_num_misses's guard elements were written");
+  for (int b = 0; b < b_count; ++b) {
+    const auto& rec = records[static_cast<std::size_t>(b)];
+    if (rec.record_k == 0) continue;
+    const std::vector<std::int32_t> got = d_records[static_cast<std::size_t>(b)]->download();
+    for (int h = 0; h < h_count; ++h)
+      for (int i = 0; i < rec.record_k; ++i) {
+        const std::int32_t m = in.selected[(static_cast<std::size_t>(b) * h_count + h) * k + i];
+        const std::int32_t want =
+            m >= 0 && m < rec.num_landmarks ? chunk_ids[static_cast<std::size_t>(b)][static_cast<std::size_t>(h * rec.num_landmarks + m)] : -1;
+        if (got[static_cast<std::size_t>(h * rec.record_k + i)] != want) {
+          CAPTURE(b);
+          CAPTURE(h);
+          CAPTURE(i);
+          fail("the selection record differs");
+          h = h_count;
+          break;
+        }
+      }
+    if (!d_records[static_cast<std::size_t>(b)]->guards_intact()) fail("a record's guard elements were written");
+  }
   const std::vector<std::int32_t> slots = d_slots.download();
   const int num_misses = d_num_misses.download()[0];
   const int invalid = d_invalid.download()[0];
@@ -584,6 +632,7 @@ TEST_CASE("slot table: arguments are checked before any CUDA call") {
   CHECK(has(error([](P p) { p.selected = nullptr; }), "selected must be non-null"));
   CHECK(has(error([](P p) { p.slots = nullptr; }), "slots must be non-null"));
   CHECK(has(error([](P p) { p.num_misses = nullptr; }), "num_misses must be non-null"));
+  CHECK(has(error([](P p) { p.next_num_misses = p.num_misses; }), "next_num_misses must not be num_misses"));
   CHECK(has(error([](P p) { p.misses = nullptr; }), "misses is null but misses_capacity=8"));
   // An empty batch is a no-op (no CUDA call), even with null pointers; so is a list of none.
   CHECK(error([](P p) {

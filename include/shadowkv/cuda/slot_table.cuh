@@ -18,6 +18,7 @@
 #include "../core/error.hpp"
 #include "error.cuh"
 #include "kernels/slot_table.cuh"
+#include "launch.cuh"
 
 namespace shadowkv::cuda {
 
@@ -43,6 +44,7 @@ inline void check_slot_table_params(const SlotTableParams& p) {
   SHADOWKV_CHECK(p.slots, "slots must be non-null");
   SHADOWKV_CHECK(p.num_misses, "num_misses must be non-null");
   SHADOWKV_CHECK(p.misses || p.misses_capacity == 0, "misses is null but misses_capacity=", p.misses_capacity);
+  SHADOWKV_CHECK(p.next_num_misses != p.num_misses, "next_num_misses must not be num_misses");
 }
 
 namespace slot_table_launch {
@@ -110,8 +112,7 @@ inline void update_slot_tables(const SlotTableParams& p, cudaStream_t stream) {
   SHADOWKV_CHECK(smem <= limit, "k=", p.k, " needs ", smem, " bytes of shared memory; this device allows ", limit,
                  " (beside the kernel's static shared memory)");
   const dim3 grid(static_cast<unsigned>(p.num_kv_heads), static_cast<unsigned>(p.batch));
-  kernel<<<grid, kThreads, smem, stream>>>(p);
-  SHADOWKV_CUDA_CHECK_LAUNCH();
+  launch_kernel<kernel>(grid, dim3(kThreads), smem, stream, 1, p);
 }
 
 }  // namespace shadowkv::cuda

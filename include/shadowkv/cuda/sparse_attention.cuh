@@ -166,12 +166,6 @@ void launch_gather_rows(const GatherRowsParams<DT>& p, cudaStream_t stream) {
   SHADOWKV_CUDA_CHECK_LAUNCH();
 }
 
-/// `counters[4 + i] += counters[i]` for the four slot-table counters.
-template <class C = std::int64_t>
-__global__ void accumulate_counters_kernel(C* counters) {
-  if (threadIdx.x < 4) counters[4 + threadIdx.x] += counters[threadIdx.x];
-}
-
 }  // namespace cuda::detail
 
 namespace cuda {
@@ -254,6 +248,7 @@ class SparseAttention<Policy, CudaBackend, T> {
       SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
       SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
       SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&step_done_, cudaEventDisableTiming));
+      SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&counters_copied_, cudaEventDisableTiming));
     } catch (...) {
       destroy_stream_and_events();
       throw;
@@ -475,14 +470,21 @@ class SparseAttention<Policy, CudaBackend, T> {
   StepStats last_step() const {
     SHADOWKV_CUDA_CHECK(cudaEventSynchronize(step_done_));
     StepStats s = last_step_fixed_;
-    if (last_step_has_pool_) add_pool(s, counters_host_.data());
+    if (last_step_has_pool_) {
+      // The pool's counters are running totals: this step is the latest snapshot minus the one before.
+      const std::int64_t* now = counters_host_.data() + 4 * snapshot_;
+      const std::int64_t* before = counters_host_.data() + 4 * (1 - snapshot_);
+      std::int64_t delta[4];
+      for (int i = 0; i < 4; ++i) delta[i] = now[i] - before[i];
+      add_pool(s, delta);
+    }
     return s;
   }
   /// Every decode since construction or `reset_stats()` (waits for the last one).
   StepStats totals() const {
     SHADOWKV_CUDA_CHECK(cudaEventSynchronize(step_done_));
     StepStats s = totals_fixed_;
-    if constexpr (kLowRank) add_pool(s, counters_host_.data() + 4);
+    if constexpr (kLowRank) add_pool(s, counters_host_.data() + 4 * snapshot_);
     return s;
   }
   void reset_stats() {
@@ -586,7 +588,7 @@ class SparseAttention<Policy, CudaBackend, T> {
   void destroy_stream_and_events() noexcept {
     if (side_stream_) (void)cudaStreamSynchronize(side_stream_);
     if (step_done_) (void)cudaEventSynchronize(step_done_);
-    for (cudaEvent_t e : {step_done_, join_, fork_})
+    for (cudaEvent_t e : {step_done_, join_, fork_, counters_copied_})
       if (e) (void)cudaEventDestroy(e);
     if (side_stream_) (void)cudaStreamDestroy(side_stream_);
   }
@@ -912,11 +914,11 @@ class SparseAttention<Policy, CudaBackend, T> {
         score_ws = workspace_.get(score_ws_bytes, stream, *allocator_);
       }
     cuda::ChunkMiss* misses = nullptr;
-    std::int64_t* counters = nullptr;  // step[4], total[4], miss count
+    std::int64_t* counters = nullptr;  // totals[4], then two miss counts (one per step parity)
     if constexpr (kLowRank)
       if (k > 0) {
         misses = misses_.get(sel_elems, stream, *allocator_);
-        counters = counters_.get(9, stream, *allocator_);
+        counters = counters_.get(6, stream, *allocator_);
       }
     const auto plan = cuda::plan_decode_attention(nb, hq, hkv, d, max_rows);
     void* attn_ws = attn_workspace_.get(plan.workspace_bytes, stream, *allocator_);
@@ -1013,8 +1015,9 @@ class SparseAttention<Policy, CudaBackend, T> {
           selection_hook_(ha, stream);
         }
       }
-      // The record of the selection (and the oracle's chunk lists, outliers first).
-      if (k > 0 || lists) {
+      // The record of the selection (and the oracle's chunk lists, outliers first). ShadowKV's
+      // slot-table update writes it on the way (below), one launch fewer.
+      if (!kLowRank && (k > 0 || lists)) {
         cuda::kernels::record_selection_kernel<std::int32_t><<<dim3(hkv, nb), 128, 0, stream>>>(
             reinterpret_cast<const cuda::SelectionRecordSequence*>(dev_ptr(rec_off)), selected, k, hkv, lists,
             list_stride);
@@ -1025,14 +1028,15 @@ class SparseAttention<Policy, CudaBackend, T> {
     if constexpr (kLowRank) {
       if (k > 0) {
         const std::size_t max_misses = sel_elems;
+        // counters: the pool's running totals (requested, hits, misses, heads with misses), then
+        // the miss-list lengths of even and odd steps: each step's update appends to its own and
+        // zeroes the other for the next step, so no step needs a memset.
         if (reset_device_totals_ || !counters_ready_) {
-          SHADOWKV_CUDA_CHECK(cudaMemsetAsync(counters, 0, 9 * sizeof(std::int64_t), stream));
+          SHADOWKV_CUDA_CHECK(cudaMemsetAsync(counters, 0, 6 * sizeof(std::int64_t), stream));
           reset_device_totals_ = false;
           counters_ready_ = true;
         }
-        SHADOWKV_CUDA_CHECK(cudaMemsetAsync(counters, 0, 4 * sizeof(std::int64_t), stream));
-        int* num_misses = reinterpret_cast<int*>(counters + 8);
-        SHADOWKV_CUDA_CHECK(cudaMemsetAsync(num_misses, 0, sizeof(int), stream));
+        int* num_misses = reinterpret_cast<int*>(counters + 4 + parity_);
         cuda::SlotTableParams up;
         up.sequences = reinterpret_cast<const cuda::SlotTableSequence*>(dev_ptr(table_off));
         up.batch = nb;
@@ -1044,9 +1048,10 @@ class SparseAttention<Policy, CudaBackend, T> {
         up.misses_capacity = static_cast<int>(max_misses);
         up.num_misses = num_misses;
         up.counters = counters;
+        up.records = reinterpret_cast<const cuda::SelectionRecordSequence*>(dev_ptr(rec_off));
+        up.next_num_misses = reinterpret_cast<int*>(counters + 4 + (1 - parity_));
         cuda::update_slot_tables(up, stream);
-        cuda::detail::accumulate_counters_kernel<std::int64_t><<<1, 32, 0, stream>>>(counters);
-        SHADOWKV_CUDA_CHECK_LAUNCH();
+        parity_ = 1 - parity_;
         // Fork: values over PCIe on the side stream, keys rebuilt here meanwhile.
         SHADOWKV_CUDA_CHECK(cudaEventRecord(fork_, stream));
         SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(side_stream_, fork_, 0));
@@ -1061,6 +1066,13 @@ class SparseAttention<Policy, CudaBackend, T> {
         gp.chunk_size = c;
         cuda::gather_values(gp, side_stream_);
         SHADOWKV_CUDA_CHECK(cudaEventRecord(join_, side_stream_));
+        // The totals to the host behind the gather, off the attention's path; the step's end
+        // waits for the copy.
+        const int snap = 1 - snapshot_;
+        SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(counters_host_.data() + 4 * snap, counters, 4 * sizeof(std::int64_t),
+                                            cudaMemcpyDeviceToHost, side_stream_));
+        SHADOWKV_CUDA_CHECK(cudaEventRecord(counters_copied_, side_stream_));
+        snapshot_ = snap;
         cuda::RebuildKeysParams<D> rp;
         rp.sequences = reinterpret_cast<const cuda::RebuildKeysSequence<D>*>(dev_ptr(rebuild_off));
         rp.num_sequences = nb;
@@ -1074,8 +1086,6 @@ class SparseAttention<Policy, CudaBackend, T> {
         rp.rope = cuda::make_rebuild_rope(rope_, rope_device_.data());
         cuda::rebuild_keys(rp, stream);
         SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(stream, join_, 0));
-        SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(counters_host_.data(), counters, 8 * sizeof(std::int64_t),
-                                            cudaMemcpyDeviceToHost, stream));
         last_step_has_pool_ = true;
       }
     }
@@ -1084,6 +1094,7 @@ class SparseAttention<Policy, CudaBackend, T> {
                               cuda::as_device(out.data), nb, hq, hkv, d, config_.scale(), max_rows, plan, attn_ws,
                               plan.workspace_bytes, stream);
     ring_.release(stream);
+    if (last_step_has_pool_) SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(stream, counters_copied_, 0));
     SHADOWKV_CUDA_CHECK(cudaEventRecord(step_done_, stream));
     last_step_fixed_ = step;
     totals_fixed_ += step;
@@ -1114,6 +1125,7 @@ class SparseAttention<Policy, CudaBackend, T> {
   SeqMap seqs_;
   cudaStream_t side_stream_ = nullptr;
   cudaEvent_t fork_ = nullptr, join_ = nullptr, step_done_ = nullptr;
+  cudaEvent_t counters_copied_ = nullptr;  // the pool's totals reached counters_host_
   cuda::detail::StagingRing ring_;
   Blob blob_;
   // Per-step scratch (grown, never shrunk; not counted by memory()).
@@ -1122,7 +1134,11 @@ class SparseAttention<Policy, CudaBackend, T> {
   cuda::detail::Scratch<cuda::ChunkMiss> misses_;
   cuda::detail::Scratch<std::int64_t> counters_;
   cuda::detail::Scratch<std::byte> workspace_, attn_workspace_;
-  cuda::PinnedBuffer<std::int64_t> counters_host_;  // step[4], total[4] after the last decode
+  // Two snapshots of the pool's running totals [4]: the last decode's (at 4 * snapshot_) and
+  // the one before; a step's counts are their difference.
+  cuda::PinnedBuffer<std::int64_t> counters_host_;
+  int snapshot_ = 0;
+  int parity_ = 0;  // which miss counter of counters_ the next step appends to
   bool counters_ready_ = false, reset_device_totals_ = false;
   StepStats last_step_fixed_, totals_fixed_;
   bool last_step_has_pool_ = false;

@@ -12,6 +12,7 @@
 
 #include "../../device/rope.hpp"
 #include "../types.cuh"
+#include "selection_record.cuh"
 
 namespace shadowkv::cuda {
 
@@ -54,16 +55,6 @@ struct GatherRowsParams {
   long long range_begin = 0, range_end = 0;
   int num_kv_heads = 0;
   int head_dim = 0;
-};
-
-/// What `record_selection_kernel` needs of one sequence.
-struct SelectionRecordSequence {
-  const std::int32_t* landmark_chunk_ids = nullptr;  ///< [H_kv, num_landmarks]
-  long long num_landmarks = 0;
-  std::int32_t* record = nullptr;  ///< optional [H_kv, record_k]: prompt chunk of each selected landmark
-  int record_k = 0;                ///< min(k, num_landmarks)
-  const std::int32_t* outlier_chunk_ids = nullptr;  ///< [H_kv, num_outliers] (oracle only)
-  int num_outliers = 0;
 };
 
 namespace kernels {
@@ -159,19 +150,9 @@ template <class Id = std::int32_t>
 __global__ void record_selection_kernel(const SelectionRecordSequence* seqs, const Id* selected, int k,
                                         int num_kv_heads, Id* slot_lists, int list_stride) {
   const int h = blockIdx.x, b = blockIdx.y;
-  const SelectionRecordSequence s = seqs[b];
-  const Id* sel = selected + (static_cast<long long>(b) * num_kv_heads + h) * k;
-  Id* list = slot_lists ? slot_lists + (static_cast<long long>(b) * num_kv_heads + h) * list_stride : nullptr;
-  for (int i = threadIdx.x; i < k; i += blockDim.x) {
-    const Id m = sel[i];
-    const Id chunk =
-        m >= 0 && m < s.num_landmarks ? s.landmark_chunk_ids[static_cast<long long>(h) * s.num_landmarks + m] : -1;
-    if (s.record && i < s.record_k) s.record[static_cast<long long>(h) * s.record_k + i] = chunk;
-    if (list) list[s.num_outliers + i] = chunk;
-  }
-  if (list)
-    for (int i = threadIdx.x; i < s.num_outliers; i += blockDim.x)
-      list[i] = s.outlier_chunk_ids[static_cast<long long>(h) * s.num_outliers + i];
+  const long long row = static_cast<long long>(b) * num_kv_heads + h;
+  write_selection_record(seqs[b], selected + row * k, k, h, static_cast<int>(threadIdx.x),
+                         static_cast<int>(blockDim.x), slot_lists ? slot_lists + row * list_stride : nullptr);
 }
 
 /// What the oracle scoring reads of one sequence: its exact prompt keys and landmark chunks.

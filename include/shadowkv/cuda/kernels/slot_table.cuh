@@ -16,6 +16,8 @@
 #include <cstdint>
 
 #include "gather_values.cuh"
+#include "grid_dependency.cuh"
+#include "selection_record.cuh"
 
 namespace shadowkv::cuda {
 
@@ -46,6 +48,12 @@ struct SlotTableParams {
   int* num_misses = nullptr;               ///< device counter, the caller zeroes it; entries appended (atomic)
   std::int64_t* counters = nullptr;        ///< optional, device [4]: += requested, hits, misses, (seq, head) pairs with >= 1 miss
   int* maybe_num_invalid = nullptr;        ///< optional: += rows skipped for invalid device data
+  /// Optional [batch], device: every row (valid or not) also writes the prompt chunks of its
+  /// selected landmarks to `records[b].record`, as `record_selection_kernel` would.
+  const SelectionRecordSequence* records = nullptr;
+  /// Optional device counter, not `num_misses`: set to 0 by the launch, so that the next
+  /// step's update can append to it without a memset in between (a decode step alternates two).
+  int* next_num_misses = nullptr;
 };
 
 namespace kernels {
@@ -214,6 +222,11 @@ __global__ void __launch_bounds__(NT) update_slot_tables_kernel(const SlotTableP
   const long long row = static_cast<long long>(b) * p.num_kv_heads + h;
   const std::int32_t* sel_row = p.selected + row * k;
   std::int32_t* out = p.slots + row * k;
+  // Launched with a programmatic dependency where the device allows (cuda/launch.cuh): the
+  // selection comes from the kernel before.
+  wait_for_previous_grids();
+  if (p.records) write_selection_record(p.records[b], sel_row, k, h, tid, NT, static_cast<std::int32_t*>(nullptr));
+  if (p.next_num_misses && h == 0 && b == 0 && tid == 0) *p.next_num_misses = 0;
 
   unsigned long long* s_sort = s_slot_table_dyn;                              // [pow2_ceil(k)]
   int* s_sel = reinterpret_cast<int*>(s_slot_table_dyn + pow2_ceil(k));  // [k] selected chunks
