@@ -329,6 +329,7 @@ struct Options {
   int max_batch = 0;
   int warmup = 5;
   int steps = 20;
+  bool fill_cache = true;  // untimed steps that fill a value cache larger than the budget first
   double device_gib = 139.8;
   double host_gib = 125.0;
   double reserve_gib = 3.0;
@@ -431,6 +432,7 @@ struct Row {
   double pcie_mb_per_step = 0, attention_hbm_mb_per_step = 0;
   double host_issue_ms_per_step = 0;  // host time spent enqueueing a step
   double attention_ms_per_step = 0;   // of one more step, events around each layer's attention
+  int cache_fill_steps = 0;           // untimed steps that filled the value cache before the runs
   std::string mode = "seen";
 };
 
@@ -484,7 +486,8 @@ void write_json(const Report& r, const std::string& path) {
       << ", \"pcie_mb_per_step\": " << num_or_null(w.pcie_mb_per_step, true)
       << ", \"attention_hbm_mb_per_step\": " << num_or_null(w.attention_hbm_mb_per_step, true)
       << ", \"host_issue_ms_per_step\": " << num_or_null(w.host_issue_ms_per_step, true)
-      << ", \"attention_ms_per_step\": " << num_or_null(w.attention_ms_per_step, true) << ", \"mode\": \""
+      << ", \"attention_ms_per_step\": " << num_or_null(w.attention_ms_per_step, true)
+      << ", \"cache_fill_steps\": " << w.cache_fill_steps << ", \"mode\": \""
       << w.mode << "\"}" << (i + 1 < r.rows.size() ? "," : "") << "\n";
   }
   f << "  ]\n}\n";
@@ -803,9 +806,18 @@ const char* policy_name(bool sparse) { return sparse ? "shadowkv" : "dense"; }
 
 /// Generated tokens the planner provisions per sequence: sequence 0 decodes in every run of a
 /// configuration, rounded up to the 256-token blocks generated rows are allocated in.
-index_t planned_generated(const Options& o) {
+/// With --fill-cache, up to one step per `budget` landmark chunks comes first (`fill_steps`).
+index_t planned_generated(const Options& o, const Config& cfg, long long context) {
   const int runs = static_cast<int>(std::max(o.batches.size(), o.batch_fractions.size()) + o.what_if.size());
-  return (static_cast<index_t>(runs) * (o.warmup + o.steps + 1) + 255) / 256 * 256;  // + the attention-timed step
+  const index_t fill = o.fill_cache ? context / cfg.chunk_size / cfg.budget_chunks() + 1 : 0;
+  return (static_cast<index_t>(runs) * (o.warmup + o.steps + 1) + fill + 255) / 256 * 256;  // + the attention-timed step
+}
+
+/// Untimed steps that fill a value cache of `capacity` chunks per head: each step brings at
+/// most `budget` new chunks per head, so the cache is full (its steady state in a long
+/// generation) after capacity / budget steps. None for the paper's pool (capacity = budget).
+int fill_steps(const Options& o, int capacity, int budget) {
+  return o.fill_cache && capacity > budget ? (capacity + budget - 1) / budget : 0;
 }
 
 /// Bytes staged on the device while one build unit (a layer, or the whole model with
@@ -822,7 +834,7 @@ void run_policy(const Options& o, const ModelShape& s, const Config& base_cfg, l
                 const Budget& budget, Engine& engine, Report& report) {
   constexpr bool kSparse = Policy::selection != ChunkSelection::all;
   const char* name = policy_name(kSparse);
-  const index_t generated = planned_generated(o);
+  const index_t generated = planned_generated(o, base_cfg, context);
   const std::size_t transient = staging_bytes<Policy>(s, context, o.single_object);
   const std::size_t device_budget = budget.device > transient ? budget.device - transient : 0;
 
@@ -935,6 +947,23 @@ void run_policy(const Options& o, const ModelShape& s, const Config& base_cfg, l
              free_before / kGiB, free_after / kGiB, measured_per_seq / kGiB);
 
     index_t generated0 = 0;  // tokens sequence 0 has decoded
+    auto set_first_tokens = [&](int b) {  // fresh random first tokens
+      std::vector<std::int32_t> first(b);
+      for (int i = 0; i < b; ++i) first[i] = static_cast<std::int32_t>((1000003ull * (i + 1) + o.seed) % s.vocab);
+      SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(engine.act->tokens.data(), first.data(), b * sizeof(std::int32_t),
+                                          cudaMemcpyHostToDevice, stream));
+      SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));  // `first` goes out of scope
+    };
+    const int fill = kSparse ? fill_steps(o, capacity, cfg.budget_chunks()) : 0;
+    if (fill > 0) {
+      const double t0 = elapsed_s();
+      set_first_tokens(b_max);
+      for (int i = 0; i < fill; ++i) decode_step(engine, attn, std::span<const SeqId>(ids.data(), b_max));
+      SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
+      generated0 += fill;
+      progress("%s %lld: %d untimed steps at batch %d filled the value cache (%d chunks/head) in %.1f s", name, context,
+               fill, b_max, capacity, elapsed_s() - t0);
+    }
     // Runs (batch b, what-if reuse fraction or -1 for the selections as seen).
     std::vector<std::pair<int, double>> runs;
     for (int b : batches) runs.emplace_back(b, -1.0);
@@ -946,11 +975,7 @@ void run_policy(const Options& o, const ModelShape& s, const Config& base_cfg, l
       if constexpr (kSparse)
         if (reuse >= 0) replay.emplace(attn, b, s.layers, s.kv_heads, cfg.budget_chunks(), reuse, landmarks_of(cfg, context), stream);
       generated0 += o.warmup + o.steps;
-      // Fresh random first tokens.
-      std::vector<std::int32_t> first(b);
-      for (int i = 0; i < b; ++i) first[i] = static_cast<std::int32_t>((1000003ull * (i + 1) + o.seed) % s.vocab);
-      SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(engine.act->tokens.data(), first.data(), b * sizeof(std::int32_t),
-                                          cudaMemcpyHostToDevice, stream));
+      set_first_tokens(b);
       const double t0 = elapsed_s();
       for (int i = 0; i < o.warmup; ++i) decode_step(engine, attn, run_ids);
       SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -993,6 +1018,7 @@ void run_policy(const Options& o, const ModelShape& s, const Config& base_cfg, l
       }
       row.attention_hbm_mb_per_step = st.hbm_bytes / 1e6 / o.steps;
       row.host_issue_ms_per_step = issue_ms / o.steps;
+      row.cache_fill_steps = fill;
       {  // one more step with events around each layer's attention: its share of the step
         AttentionTimer at(s.layers);
         engine.attention_timer = &at;
@@ -1179,10 +1205,10 @@ int run(Options& o) {
     for (long long ctx : o.contexts)
       for (const std::string& p : o.policies) {
         std::int64_t b = 0;
-        if (p == "dense") b = max_batch(plan_sequence<DensePolicy>(base, s.layers, ctx, planned_generated(o), DType::bf16),
+        if (p == "dense") b = max_batch(plan_sequence<DensePolicy>(base, s.layers, ctx, planned_generated(o, base, ctx), DType::bf16),
                                         dev_budget, host_budget);
         else if (ctx >= base.min_context())
-          b = max_batch(plan_sequence<ShadowKVPolicy>(base, s.layers, ctx, planned_generated(o), DType::bf16),
+          b = max_batch(plan_sequence<ShadowKVPolicy>(base, s.layers, ctx, planned_generated(o, base, ctx), DType::bf16),
                         dev_budget, host_budget);
         max_b = static_cast<int>(std::max<std::int64_t>(max_b, std::min<std::int64_t>(b, 65535 / s.kv_heads)));
       }
@@ -1327,6 +1353,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   bool no_what_if = false;
   app.add_flag("--no-what-if", no_what_if, "leave out the what-if runs");
+  bool no_fill_cache = false;
+  app.add_flag("--no-fill-cache", no_fill_cache,
+               "start timing with the value cache as the prefill left it (empty) instead of first running the "
+               "capacity/budget untimed steps that fill a cache larger than the budget");
   app.add_option("--max-batch", o.max_batch, "cap on the planner's batch (0: none)")
       ->check(CLI::Range(0, 8191))
       ->capture_default_str();
@@ -1375,6 +1405,7 @@ int main(int argc, char** argv) {
       if (unset("--what-if")) o.what_if = {0.6};
     }
     if (no_what_if) o.what_if.clear();
+    if (no_fill_cache) o.fill_cache = false;
   } catch (const CLI::ParseError& e) {
     const int rc = app.exit(e);  // prints the help, or the error naming the option
     return rc == 0 ? 0 : 2;
