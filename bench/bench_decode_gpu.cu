@@ -382,7 +382,9 @@ void bm_shadowkv_step(benchmark::State& state) {
 /// same query with every element outside RoPE's four slowest pairs zero (pairs 60-63 of 64,
 /// which turn by at most 5.6e-7 rad per position under Llama-3.1 scaling: ~6e-5 rad over the
 /// run, a small fraction of a bf16 ulp), so the post-RoPE query, hence the selection, repeats:
-/// every chunk a hit with the paper's pool, the HBM-bound case of the whole step. Counters from
+/// every chunk a hit with the paper's pool, the HBM-bound case of the whole step; mode 4: mode 3
+/// with the throughput harness's value cache at 128K (5726 chunks per head), what a large cache
+/// costs an all-hit step. Counters from
 /// the object's own byte accounting (`totals()` over the timed steps).
 template <class Policy>
 void bm_sparse_attention_decode(benchmark::State& state) {
@@ -392,6 +394,7 @@ void bm_sparse_attention_decode(benchmark::State& state) {
   Config cfg;  // Llama-3.1-8B attention shapes, the paper's ShadowKV defaults
   cfg.rope = llama31_rope();
   if (state.range(2) == 2) cfg.value_cache_chunks = 4 * cfg.budget_chunks();
+  if (state.range(2) == 4) cfg.value_cache_chunks = 5726;  // the throughput harness's auto cache at 128K
   cudaStream_t stream;
   SHADOWKV_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
   {
@@ -420,7 +423,7 @@ void bm_sparse_attention_decode(benchmark::State& state) {
     skc::DeviceBuffer<D> qs(q_elems * kQueries, stream), k_new(kv_elems, stream), v_new(kv_elems, stream),
         out(q_elems, stream);
     fill_random<<<1024, 256, 0, stream>>>(qs.data(), qs.size(), 7u);
-    if (state.range(2) == 3) {  // the first query: nonzero only in RoPE's four slowest pairs
+    if (state.range(2) >= 3) {  // the first query: nonzero only in RoPE's four slowest pairs
       std::vector<bf16> hq(q_elems, bf16(0.0f));
       std::mt19937 rng(17);
       std::normal_distribution<float> dist;
@@ -777,6 +780,7 @@ BENCHMARK(bm_shadowkv_step)
     ->Args({8, 131072, 1})
     ->Args({1, 131072, 0})
     ->Args({1, 131072, 1})
+    ->Args({14, 131072, 0})  // the throughput harness's ShadowKV batch at 128K
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond)
     ->MinTime(0.2);
@@ -787,6 +791,7 @@ BENCHMARK(bm_sparse_attention_decode<ShadowKVPolicy>)
     ->Args({8, 131072, 1})
     ->Args({8, 131072, 2})
     ->Args({8, 131072, 3})
+    ->Args({8, 131072, 4})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond)
     ->Iterations(100);  // one call: the prefill of the batch is not repeated
@@ -833,7 +838,7 @@ BENCHMARK(bm_shadowkv_attention_splits)
     ->MinTime(0.1);
 BENCHMARK(bm_score_landmarks)
     ->ArgNames({"batch", "context", "fused", "ctas"})
-    ->ArgsProduct({{1, 2, 4, 8}, {131072}, {0, 1}, {1, 8}})
+    ->ArgsProduct({{1, 2, 4, 8, 14}, {131072}, {0, 1}, {1, 8}})
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond)
     ->MinTime(0.2);
