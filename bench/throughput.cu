@@ -433,6 +433,7 @@ struct Row {
   double host_issue_ms_per_step = 0;  // host time spent enqueueing a step
   double attention_ms_per_step = 0;   // of one more step, events around each layer's attention
   int cache_fill_steps = 0;           // untimed steps that filled the value cache before the runs
+  long long skipped = 0;              // StepStats::skipped over the timed steps (0 unless memory is corrupt)
   std::string mode = "seen";
 };
 
@@ -487,7 +488,7 @@ void write_json(const Report& r, const std::string& path) {
       << ", \"attention_hbm_mb_per_step\": " << num_or_null(w.attention_hbm_mb_per_step, true)
       << ", \"host_issue_ms_per_step\": " << num_or_null(w.host_issue_ms_per_step, true)
       << ", \"attention_ms_per_step\": " << num_or_null(w.attention_ms_per_step, true)
-      << ", \"cache_fill_steps\": " << w.cache_fill_steps << ", \"mode\": \""
+      << ", \"cache_fill_steps\": " << w.cache_fill_steps << ", \"skipped\": " << w.skipped << ", \"mode\": \""
       << w.mode << "\"}" << (i + 1 < r.rows.size() ? "," : "") << "\n";
   }
   f << "  ]\n}\n";
@@ -1019,6 +1020,10 @@ void run_policy(const Options& o, const ModelShape& s, const Config& base_cfg, l
       row.attention_hbm_mb_per_step = st.hbm_bytes / 1e6 / o.steps;
       row.host_issue_ms_per_step = issue_ms / o.steps;
       row.cache_fill_steps = fill;
+      row.skipped = st.skipped;
+      if (st.skipped != 0)
+        progress("%s %lld batch %d: WARNING: %lld slot-table rows or miss entries were skipped as inconsistent", name,
+                 context, b, static_cast<long long>(st.skipped));
       {  // one more step with events around each layer's attention: its share of the step
         AttentionTimer at(s.layers);
         engine.attention_timer = &at;

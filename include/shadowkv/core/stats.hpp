@@ -42,11 +42,16 @@ struct StepStats {
   std::int64_t hbm_bytes = 0;
   std::int64_t pcie_bytes = 0;
   PoolStats pool;  ///< chunk hits and misses (ShadowKV only)
+  /// CUDA backend: slot-table rows and miss-list entries a decode step found inconsistent and
+  /// skipped (such a (sequence, KV head) attends without its selected chunks). Always 0 unless
+  /// device memory was overwritten; the CPU backend throws instead.
+  std::int64_t skipped = 0;
   StepStats& operator+=(const StepStats& o) {
     tokens += o.tokens;
     hbm_bytes += o.hbm_bytes;
     pcie_bytes += o.pcie_bytes;
     pool += o.pool;
+    skipped += o.skipped;
     return *this;
   }
 };

@@ -241,8 +241,8 @@ class SparseAttention<Policy, CudaBackend, T> {
       SHADOWKV_CHECK(config_.budget_chunks() <= cuda::kMaxTopK, "sparse_budget/chunk_size=", config_.budget_chunks(),
                      " exceeds ", cuda::kMaxTopK, " chunks, the largest selection the CUDA kernels make");
     rope_ = make_rope_table(config_.rope, config_.head_dim);
-    counters_host_ = cuda::PinnedBuffer<std::int64_t>(8, host_allocator);
-    std::fill_n(counters_host_.data(), 8, 0);
+    counters_host_ = cuda::PinnedBuffer<std::int64_t>(2 * kCounters, host_allocator);
+    std::fill_n(counters_host_.data(), 2 * kCounters, 0);
     try {  // the destructor does not run when a constructor throws
       SHADOWKV_CUDA_CHECK(cudaStreamCreateWithFlags(&side_stream_, cudaStreamNonBlocking));
       SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
@@ -472,10 +472,11 @@ class SparseAttention<Policy, CudaBackend, T> {
     StepStats s = last_step_fixed_;
     if (last_step_has_pool_) {
       // The pool's counters are running totals: this step is the latest snapshot minus the one before.
-      const std::int64_t* now = counters_host_.data() + 4 * snapshot_;
-      const std::int64_t* before = counters_host_.data() + 4 * (1 - snapshot_);
-      std::int64_t delta[4];
+      const std::int64_t* now = counters_host_.data() + kCounters * snapshot_;
+      const std::int64_t* before = counters_host_.data() + kCounters * (1 - snapshot_);
+      std::int64_t delta[kCounters];
       for (int i = 0; i < 4; ++i) delta[i] = now[i] - before[i];
+      delta[4] = skipped_count(now) - skipped_count(before);
       add_pool(s, delta);
     }
     return s;
@@ -484,7 +485,12 @@ class SparseAttention<Policy, CudaBackend, T> {
   StepStats totals() const {
     SHADOWKV_CUDA_CHECK(cudaEventSynchronize(step_done_));
     StepStats s = totals_fixed_;
-    if constexpr (kLowRank) add_pool(s, counters_host_.data() + 4 * snapshot_);
+    if constexpr (kLowRank) {
+      std::int64_t latest[kCounters];
+      std::copy_n(counters_host_.data() + kCounters * snapshot_, kCounters, latest);
+      latest[4] = skipped_count(latest);
+      add_pool(s, latest);
+    }
     return s;
   }
   void reset_stats() {
@@ -492,7 +498,7 @@ class SparseAttention<Policy, CudaBackend, T> {
     totals_fixed_ = {};
     last_step_fixed_ = {};
     last_step_has_pool_ = false;
-    std::fill_n(counters_host_.data(), 8, 0);
+    std::fill_n(counters_host_.data(), 2 * kCounters, 0);
     reset_device_totals_ = true;
   }
 
@@ -914,11 +920,11 @@ class SparseAttention<Policy, CudaBackend, T> {
         score_ws = workspace_.get(score_ws_bytes, stream, *allocator_);
       }
     cuda::ChunkMiss* misses = nullptr;
-    std::int64_t* counters = nullptr;  // totals[4], then two miss counts (one per step parity)
+    std::int64_t* counters = nullptr;  // totals[4], skipped, then two miss counts (one per step parity)
     if constexpr (kLowRank)
       if (k > 0) {
         misses = misses_.get(sel_elems, stream, *allocator_);
-        counters = counters_.get(6, stream, *allocator_);
+        counters = counters_.get(kCounters + 2, stream, *allocator_);
       }
     const auto plan = cuda::plan_decode_attention(nb, hq, hkv, d, max_rows);
     void* attn_ws = attn_workspace_.get(plan.workspace_bytes, stream, *allocator_);
@@ -1028,15 +1034,17 @@ class SparseAttention<Policy, CudaBackend, T> {
     if constexpr (kLowRank) {
       if (k > 0) {
         const std::size_t max_misses = sel_elems;
-        // counters: the pool's running totals (requested, hits, misses, heads with misses), then
-        // the miss-list lengths of even and odd steps: each step's update appends to its own and
-        // zeroes the other for the next step, so no step needs a memset.
+        // counters: the pool's running totals (requested, hits, misses, heads with misses), the
+        // skipped rows and entries (an int in a 64-bit slot), then the miss-list lengths of even
+        // and odd steps: each step's update appends to its own and zeroes the other for the
+        // next step, so no step needs a memset.
         if (reset_device_totals_ || !counters_ready_) {
-          SHADOWKV_CUDA_CHECK(cudaMemsetAsync(counters, 0, 6 * sizeof(std::int64_t), stream));
+          SHADOWKV_CUDA_CHECK(cudaMemsetAsync(counters, 0, (kCounters + 2) * sizeof(std::int64_t), stream));
           reset_device_totals_ = false;
           counters_ready_ = true;
         }
-        int* num_misses = reinterpret_cast<int*>(counters + 4 + parity_);
+        int* num_misses = reinterpret_cast<int*>(counters + kCounters + parity_);
+        int* skipped = reinterpret_cast<int*>(counters + 4);
         cuda::SlotTableParams up;
         up.sequences = reinterpret_cast<const cuda::SlotTableSequence*>(dev_ptr(table_off));
         up.batch = nb;
@@ -1049,7 +1057,8 @@ class SparseAttention<Policy, CudaBackend, T> {
         up.num_misses = num_misses;
         up.counters = counters;
         up.records = reinterpret_cast<const cuda::SelectionRecordSequence*>(dev_ptr(rec_off));
-        up.next_num_misses = reinterpret_cast<int*>(counters + 4 + (1 - parity_));
+        up.next_num_misses = reinterpret_cast<int*>(counters + kCounters + (1 - parity_));
+        up.maybe_num_invalid = skipped;
         cuda::update_slot_tables(up, stream);
         parity_ = 1 - parity_;
         // Fork: values over PCIe on the side stream, keys rebuilt here meanwhile.
@@ -1061,6 +1070,7 @@ class SparseAttention<Policy, CudaBackend, T> {
         gp.misses = misses;
         gp.num_misses = static_cast<int>(max_misses);
         gp.maybe_num_misses = num_misses;
+        gp.maybe_num_invalid = skipped;
         gp.num_kv_heads = hkv;
         gp.head_dim = d;
         gp.chunk_size = c;
@@ -1069,8 +1079,8 @@ class SparseAttention<Policy, CudaBackend, T> {
         // The totals to the host behind the gather, off the attention's path; the step's end
         // waits for the copy.
         const int snap = 1 - snapshot_;
-        SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(counters_host_.data() + 4 * snap, counters, 4 * sizeof(std::int64_t),
-                                            cudaMemcpyDeviceToHost, side_stream_));
+        SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(counters_host_.data() + kCounters * snap, counters,
+                                            kCounters * sizeof(std::int64_t), cudaMemcpyDeviceToHost, side_stream_));
         SHADOWKV_CUDA_CHECK(cudaEventRecord(counters_copied_, side_stream_));
         snapshot_ = snap;
         cuda::RebuildKeysParams<D> rp;
@@ -1079,6 +1089,7 @@ class SparseAttention<Policy, CudaBackend, T> {
         rp.misses = misses;
         rp.num_misses = static_cast<int>(max_misses);
         rp.maybe_num_misses = num_misses;
+        rp.maybe_num_invalid = skipped;
         rp.num_kv_heads = hkv;
         rp.head_dim = d;
         rp.rank = config_.rank;
@@ -1100,8 +1111,15 @@ class SparseAttention<Policy, CudaBackend, T> {
     totals_fixed_ += step;
   }
 
-  /// Adds the pool counters (`requested, hits, misses, heads with misses`) and the bytes they
-  /// imply (A rows read, key and value slots written, each head's basis) to `s`.
+  /// The skipped count of a snapshot: a 32-bit int the kernels add to, in a 64-bit slot.
+  static std::int64_t skipped_count(const std::int64_t* snapshot) {
+    std::int32_t n = 0;
+    std::memcpy(&n, snapshot + 4, sizeof n);  // the slot's first 4 bytes (little-endian hosts)
+    return n;
+  }
+
+  /// Adds the pool counters (`requested, hits, misses, heads with misses, skipped`) and the
+  /// bytes they imply (A rows read, key and value slots written, each head's basis) to `s`.
   void add_pool(StepStats& s, const std::int64_t* counters) const {
     const std::int64_t sz = sizeof(T), c = config_.chunk_size, d = config_.head_dim, r = config_.rank;
     s.pool.requested += counters[0];
@@ -1110,6 +1128,7 @@ class SparseAttention<Policy, CudaBackend, T> {
     s.pool.bytes_copied += counters[2] * c * d * sz;
     s.pcie_bytes += counters[2] * c * d * sz;
     s.hbm_bytes += counters[2] * c * (r + 2 * d) * sz + counters[3] * r * d * sz;
+    s.skipped += counters[4];
   }
 
   cuda::SelectionHook selection_hook_;
@@ -1134,8 +1153,9 @@ class SparseAttention<Policy, CudaBackend, T> {
   cuda::detail::Scratch<cuda::ChunkMiss> misses_;
   cuda::detail::Scratch<std::int64_t> counters_;
   cuda::detail::Scratch<std::byte> workspace_, attn_workspace_;
-  // Two snapshots of the pool's running totals [4]: the last decode's (at 4 * snapshot_) and
-  // the one before; a step's counts are their difference.
+  // Two snapshots of the pool's running totals [kCounters]: the last decode's (at kCounters *
+  // snapshot_) and the one before; a step's counts are their difference.
+  static constexpr int kCounters = 5;  // requested, hits, misses, heads with misses, skipped
   cuda::PinnedBuffer<std::int64_t> counters_host_;
   int snapshot_ = 0;
   int parity_ = 0;  // which miss counter of counters_ the next step appends to
