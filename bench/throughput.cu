@@ -29,11 +29,13 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <ctime>
 #include <fstream>
 #include <functional>
 #include <memory>
 #include <optional>
+#include <set>
 #include <span>
 #include <sstream>
 #include <string>
@@ -797,6 +799,13 @@ void decode_step(Engine& e, Attention<Policy>& attn, std::span<const SeqId> ids)
   SHADOWKV_CUDA_CHECK_LAUNCH();
 }
 
+std::string row_mode_name(double reuse) {
+  if (reuse < 0) return "seen";
+  char mode[32];
+  std::snprintf(mode, sizeof mode, "replay-%.0f%%", reuse * 100);
+  return mode;
+}
+
 /// Memory the harness sets aside besides the model and the sequences' planned bytes.
 struct Budget {
   std::size_t device = 0;  // for the sequences' planned bytes
@@ -994,6 +1003,31 @@ void run_policy(const Options& o, const ModelShape& s, const Config& base_cfg, l
       SHADOWKV_CUDA_CHECK(cudaStreamSynchronize(stream));
       const StepStats st = attn.totals();
       const MemoryUsage mem = attn.memory(0);
+      if constexpr (kSparse)
+        if (std::getenv("SHADOWKV_TRACE_SELECTION")) {
+          // Diagnostic (not timed, not counted): what consecutive steps select for sequence 0,
+          // KV head 0 of the first and last layer.
+          for (int l : {0, s.layers - 1}) {
+            std::vector<std::int32_t> prev = attn.at(l).last_selection(0, attn.local(l), 0, stream);
+            std::set<std::int32_t> seen(prev.begin(), prev.end());
+            double overlap = 0;
+            constexpr int kTrace = 8;
+            for (int i = 0; i < kTrace; ++i) {
+              decode_step(engine, attn, run_ids);
+              const std::vector<std::int32_t> sel = attn.at(l).last_selection(0, attn.local(l), 0, stream);
+              std::set<std::int32_t> p(prev.begin(), prev.end());
+              int same = 0;
+              for (std::int32_t c : sel) same += static_cast<int>(p.count(c));
+              overlap += sel.empty() ? 0.0 : static_cast<double>(same) / sel.size();
+              seen.insert(sel.begin(), sel.end());
+              prev = sel;
+            }
+            generated0 += kTrace;
+            progress("trace %s layer %d: %zu chunks selected, %.1f%% of each step's in the step before, %zu distinct "
+                     "over %d steps", row_mode_name(reuse).c_str(), l, prev.size(), 100.0 * overlap / kTrace,
+                     seen.size(), kTrace + 1);
+          }
+        }
       Row row;
       row.policy = name;
       row.context = context;
