@@ -116,8 +116,11 @@ constexpr int kReplayThreads = 256;
 /// `prev` `[batch, layers, H_kv, k]` holds each (b, layer, h)'s last selection (-1: none yet).
 /// The row is written ascending (the selection's usual order). Rows with fewer landmarks than k
 /// are left alone. Dynamic shared memory: two bitmaps of ceil(max_landmarks / 32) words.
+/// `salt` differs between runs: without it a run's draws repeated the previous run's step for
+/// step, which had left exactly those chunks in a large value cache (99.7% hits at 60% reuse).
 __global__ void replay_selection_kernel(std::int32_t* selected, const int* num_landmarks, std::int32_t* prev,
                                         int layers, int layer, int num_kv_heads, int k, float reuse, unsigned step,
+                                        unsigned salt,
                                         int bitmap_words) {
   using Scan = cub::BlockScan<int, kReplayThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
@@ -143,10 +146,10 @@ __global__ void replay_selection_kernel(std::int32_t* selected, const int* num_l
   // (At least 2k - m are kept: there are only m - k chunks the previous step did not select.)
   const int keep = max(2 * k - m, min(k, static_cast<int>(lrintf(reuse * static_cast<float>(k)))));
   for (int i = threadIdx.x; i < k; i += blockDim.x) {
-    const unsigned key = mix_bits(step, b * 131071u + h, 0x5eedu, static_cast<unsigned>(i));
+    const unsigned key = mix_bits(step, (b * 131071u + h) ^ salt, 0x5eedu, static_cast<unsigned>(i));
     int rank = 0;
     for (int j = 0; j < k; ++j) {
-      const unsigned other = mix_bits(step, b * 131071u + h, 0x5eedu, static_cast<unsigned>(j));
+      const unsigned other = mix_bits(step, (b * 131071u + h) ^ salt, 0x5eedu, static_cast<unsigned>(j));
       rank += other < key || (other == key && j < i);
     }
     if (rank < keep) atomicOr(&chosen[pv[i] >> 5], 1u << (pv[i] & 31));
@@ -155,7 +158,7 @@ __global__ void replay_selection_kernel(std::int32_t* selected, const int* num_l
   // Draw k - keep chunks the previous step did not select (rejection; the density is k / m).
   for (int i = keep + threadIdx.x; i < k; i += blockDim.x) {
     for (unsigned attempt = 0;; ++attempt) {
-      const int c = static_cast<int>(mix_bits(step, b * 131071u + h, static_cast<unsigned>(i), attempt) % m);
+      const int c = static_cast<int>(mix_bits(step, (b * 131071u + h) ^ salt, static_cast<unsigned>(i), attempt) % m);
       const unsigned bit = 1u << (c & 31);
       if (!(atomicOr(&taken[c >> 5], bit) & bit)) {
         atomicOr(&chosen[c >> 5], bit);
@@ -673,7 +676,7 @@ class SelectionReplay {
           SHADOWKV_CHECK(a.ids[i] == static_cast<SeqId>(i), "what-if replay: batch ids must be 0..b-1 in order");
         replay_selection_kernel<<<dim3(a.num_kv_heads, static_cast<unsigned>(a.ids.size())), kReplayThreads, smem, st>>>(
             a.selected, a.num_landmarks, prev_.data(), layers, layer, a.num_kv_heads, a.k, static_cast<float>(reuse),
-            calls_[layer]++, words);
+            calls_[layer]++, salt_, words);
         SHADOWKV_CUDA_CHECK_LAUNCH();
       });
       objects_.push_back([&object] { object.set_selection_hook({}); });
@@ -688,6 +691,8 @@ class SelectionReplay {
  private:
   skc::DeviceBuffer<std::int32_t> prev_;
   std::vector<unsigned> calls_;
+  static inline unsigned runs_ = 0;  // SelectionReplay objects so far: each run draws its own chunks
+  unsigned salt_ = 0x9E3779B9u * ++runs_;
   std::vector<std::function<void()>> objects_;  // removes the hook of each layer's object
 };
 
