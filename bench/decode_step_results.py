@@ -29,7 +29,8 @@ FAMILIES = {
 }
 MODES = {0: "same query, value pool = budget", 1: "fresh random query per step",
          2: "same query, value cache 4x budget",
-         3: "same query in RoPE's slowest pairs (selection repeats), value pool = budget"}
+         3: "same query in RoPE's slowest pairs (selection repeats), value pool = budget",
+         4: "same query in RoPE's slowest pairs (selection repeats), value cache 5726 chunks (the harness's 128K auto)"}
 
 
 def parse_args(name):
@@ -75,6 +76,9 @@ def main():
             row["mode"] = "all misses" if a["all_miss"] else "all hits"
         if "generated" in a:
             row["generated"] = a["generated"]
+        for counter in ("host_ms", "run_ahead_ms"):  # bm_decode_step: enqueue time, steps back to back
+            if counter in b:
+                row[counter] = round(float(b[counter]), 4)
         rows.append(row)
     dense = {(r["batch"], r["context"]): r["ms"] for r in rows if r["policy"] == "dense"}
     kernel = {(r["batch"], r["context"]): r["ms"] for r in rows if r["policy"] == "dense_kernel"}
