@@ -249,6 +249,7 @@ class SparseAttention<Policy, CudaBackend, T> {
       SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
       SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&step_done_, cudaEventDisableTiming));
       SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&counters_copied_, cudaEventDisableTiming));
+      SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&rebuilt_, cudaEventDisableTiming));
     } catch (...) {
       destroy_stream_and_events();
       throw;
@@ -594,7 +595,7 @@ class SparseAttention<Policy, CudaBackend, T> {
   void destroy_stream_and_events() noexcept {
     if (side_stream_) (void)cudaStreamSynchronize(side_stream_);
     if (step_done_) (void)cudaEventSynchronize(step_done_);
-    for (cudaEvent_t e : {step_done_, join_, fork_, counters_copied_})
+    for (cudaEvent_t e : {step_done_, join_, fork_, counters_copied_, rebuilt_})
       if (e) (void)cudaEventDestroy(e);
     if (side_stream_) (void)cudaStreamDestroy(side_stream_);
   }
@@ -1076,13 +1077,6 @@ class SparseAttention<Policy, CudaBackend, T> {
         gp.chunk_size = c;
         cuda::gather_values(gp, side_stream_);
         SHADOWKV_CUDA_CHECK(cudaEventRecord(join_, side_stream_));
-        // The totals to the host behind the gather, off the attention's path; the step's end
-        // waits for the copy.
-        const int snap = 1 - snapshot_;
-        SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(counters_host_.data() + kCounters * snap, counters,
-                                            kCounters * sizeof(std::int64_t), cudaMemcpyDeviceToHost, side_stream_));
-        SHADOWKV_CUDA_CHECK(cudaEventRecord(counters_copied_, side_stream_));
-        snapshot_ = snap;
         cuda::RebuildKeysParams<D> rp;
         rp.sequences = reinterpret_cast<const cuda::RebuildKeysSequence<D>*>(dev_ptr(rebuild_off));
         rp.num_sequences = nb;
@@ -1096,6 +1090,15 @@ class SparseAttention<Policy, CudaBackend, T> {
         rp.chunk_size = c;
         rp.rope = cuda::make_rebuild_rope(rope_, rope_device_.data());
         cuda::rebuild_keys(rp, stream);
+        // The totals to the host on the side stream once the gather and the rebuild (both add to
+        // `skipped`) are done, beside the attention; the step's end waits for the copy.
+        SHADOWKV_CUDA_CHECK(cudaEventRecord(rebuilt_, stream));
+        SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(side_stream_, rebuilt_, 0));
+        const int snap = 1 - snapshot_;
+        SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(counters_host_.data() + kCounters * snap, counters,
+                                            kCounters * sizeof(std::int64_t), cudaMemcpyDeviceToHost, side_stream_));
+        SHADOWKV_CUDA_CHECK(cudaEventRecord(counters_copied_, side_stream_));
+        snapshot_ = snap;
         SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(stream, join_, 0));
         last_step_has_pool_ = true;
       }
@@ -1145,6 +1148,7 @@ class SparseAttention<Policy, CudaBackend, T> {
   cudaStream_t side_stream_ = nullptr;
   cudaEvent_t fork_ = nullptr, join_ = nullptr, step_done_ = nullptr;
   cudaEvent_t counters_copied_ = nullptr;  // the pool's totals reached counters_host_
+  cudaEvent_t rebuilt_ = nullptr;          // the key rebuild of the step is done
   cuda::detail::StagingRing ring_;
   Blob blob_;
   // Per-step scratch (grown, never shrunk; not counted by memory()).
