@@ -107,6 +107,27 @@ class TasksTest(unittest.TestCase):
         self.assertTrue(bool(ans.any(dim=1).all()))  # every prompt has answer tokens
 
 
+    def test_focus_from_starts_the_focus_phase_where_asked(self):
+        tasks = T.Tasks(words())
+        _, _, _, length = T.make_batch(tasks, 0, 1, 40000, 16384, 8192)
+        self.assertEqual(length, 512)  # the curriculum's first level
+        ids, ans, _, length = T.make_batch(tasks, 0, 1, 40000, 16384, 8192, focus_from=0)
+        self.assertEqual(length, T.FOCUS_LENGTH)
+        self.assertEqual(ids.shape[0], 8192 // T.FOCUS_LENGTH)
+        self.assertTrue(bool(ans.any(dim=1).all()))
+
+
+class AnswerWeightsTest(unittest.TestCase):
+    def test_first_token_of_each_answer_gets_the_weight(self):
+        ans = torch.tensor([[False, True, True, True, False, False, True, True],
+                            [True, True, False, False, False, False, False, True]])
+        w = T.answer_weights(ans, 4.0)
+        want = torch.tensor([[0, 4, 1, 1, 0, 0, 4, 1],
+                             [4, 1, 0, 0, 0, 0, 0, 4]], dtype=torch.float32)
+        self.assertTrue(torch.equal(w, want), w)
+        self.assertTrue(torch.equal(T.answer_weights(ans, 1.0), ans.float()))  # the default: a plain mean
+
+
 class FocusMixTest(unittest.TestCase):
     def test_mix_sets_needles_questions_length_and_passkey_share(self):
         tasks = T.Tasks(words())

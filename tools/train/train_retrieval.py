@@ -19,7 +19,9 @@ as models/retrieval-6l) starts from an earlier run's weights and step with fresh
 moments (runs 4-6 started from run 3 this way); with `--grow` it also
 inserts fresh layers that start as the identity (run 7 grew run 6 from 4 to 6 layers).
 `--mk-key letter` swaps the two-word keys for one capital letter (tried, not shipped). The
-`--focus-*` options set what the focus phase's short prompts hold (defaults: runs 6-9's mix).
+`--focus-*` options set what the focus phase's short prompts hold (defaults: runs 6-9's mix);
+`--focus-from 0` starts a run from scratch in that phase, and `--first-digit-weight` weighs the
+first token of each answer (the digit that decides which needle is copied) above the rest.
 
 The task texts live in TASKS below and are written into tasks.json: the C++ accuracy harness
 builds its test prompts from that file, so training and testing use one definition.
@@ -340,11 +342,12 @@ class FocusMix:
 
 
 def make_batch(tasks, step, seed, total_steps, max_len, tokens_per_step, long_from=None, share=0.0, ramp=1,
-               mix=None):
+               mix=None, focus_from=FOCUS_FROM):
     """Batch of one step (a pure function of seed, step and the options: re-runs and resumes
-    repeat it)."""
+    repeat it). From `focus_from` on, the focus phase's short prompts (runs 6-9 began it at
+    FOCUS_FROM; 0 starts a run from scratch with it)."""
     rng = random.Random(seed * 1_000_003 + step)
-    if step >= FOCUS_FROM:
+    if step >= focus_from:
         mix = mix or FocusMix()
         length = mix.length
         p_long = long_share(step, long_from, share, ramp)
@@ -399,6 +402,15 @@ def collate(tasks, rng, batch, length, draw):
     return ids, ans, valid, length
 
 
+def answer_weights(ans, first_weight):
+    """Per-target weights of the answer loss: 1 on answer tokens, `first_weight` on the first
+    token of each answer (the digit that decides which needle is copied; the rest follow by
+    copying), 0 elsewhere. `ans` is the [B, T] answer-target mask of `collate`."""
+    first = ans.clone()
+    first[:, 1:] &= ~ans[:, :-1]
+    return ans.float() + (first_weight - 1.0) * first.float()
+
+
 class Batches(torch.utils.data.IterableDataset):
     """Steps start, start+1, ... of make_batch; worker w of n makes steps start+w, start+w+n, ...
     and the DataLoader takes them round robin, so the order is the same with any worker count."""
@@ -413,7 +425,7 @@ class Batches(torch.utils.data.IterableDataset):
         step = self.start + w
         while True:
             yield make_batch(self.tasks, step, self.a.seed, self.a.total_steps, self.a.max_len, self.a.tokens_per_step,
-                             self.a.long_from, self.a.long_share, self.a.long_ramp, self.a.mix)
+                             self.a.long_from, self.a.long_share, self.a.long_ramp, self.a.mix, self.a.focus_from)
             step += n
 
 
@@ -549,12 +561,21 @@ def main():
     ap.add_argument("--cosine-from", type=int,
                     help="step where the cosine learning-rate schedule restarts (default: the focus phase's start)")
     ap.add_argument("--workers", type=int, help="data-loader processes (default: min(10, CPUs - 2))")
+    ap.add_argument("--focus-from", type=int, default=FOCUS_FROM,
+                    help=f"step from which every step is the focus phase's short prompts (default {FOCUS_FROM}, "
+                         "where runs 6-9 began it; 0: from the first step)")
+    ap.add_argument("--first-digit-weight", type=float, default=1.0,
+                    help="weight of each answer's first token in the answer loss (the others weigh 1)")
     ap.add_argument("--smoke", action="store_true", help="a tiny model for a few steps on the CPU")
     a = ap.parse_args()
     if a.resume and a.init:
         ap.error("--resume and --init exclude each other (--resume keeps the optimizer moments, --init does not)")
-    if a.long_from is not None and a.long_from < FOCUS_FROM:
-        ap.error(f"--long-from={a.long_from} is before the focus phase (step {FOCUS_FROM})")
+    if a.focus_from < 0:
+        ap.error(f"--focus-from={a.focus_from} must be >= 0")
+    if a.first_digit_weight <= 0:
+        ap.error(f"--first-digit-weight={a.first_digit_weight} must be positive")
+    if a.long_from is not None and a.long_from < a.focus_from:
+        ap.error(f"--long-from={a.long_from} is before the focus phase (step {a.focus_from})")
     if not 0.0 <= a.long_share <= 1.0:
         ap.error(f"--long-share={a.long_share} is not in [0, 1]")
     if a.eval_cases < 1:
@@ -656,8 +677,8 @@ def main():
         ids, ans, valid, length = next(loader)
         length = int(length)
         ids, ans, valid = ids.to(device, non_blocking=True), ans.to(device), valid.to(device)
-        # Cosine to 10% of --lr over the schedule; the focus phase (FOCUS_FROM on) restarts it.
-        start = a.cosine_from if a.cosine_from is not None else (FOCUS_FROM if step >= FOCUS_FROM else 0)
+        # Cosine to 10% of --lr over the schedule; the focus phase (--focus-from on) restarts it.
+        start = a.cosine_from if a.cosine_from is not None else (a.focus_from if step >= a.focus_from else 0)
         frac = (step - start) / max(1, a.total_steps - start)
         lr = a.lr * min(1.0, (step - first + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
@@ -665,7 +686,8 @@ def main():
         with torch.autocast(device.type, dtype=dtype, enabled=device.type == "cuda"):
             logits = model(ids[:, :-1])
         ce = F.cross_entropy(logits.float().reshape(-1, VOCAB), ids[:, 1:].reshape(-1), reduction="none").view_as(ans)
-        answer_loss = ce[ans].mean()
+        w = answer_weights(ans, a.first_digit_weight)
+        answer_loss = (ce * w)[ans].sum() / w[ans].sum()
         lm_loss = ce[valid].mean()
         loss = answer_loss + 0.1 * lm_loss
         opt.zero_grad(set_to_none=True)
