@@ -120,14 +120,14 @@ constexpr int kReplayThreads = 256;
 /// step, which had left exactly those chunks in a large value cache (99.7% hits at 60% reuse).
 __global__ void replay_selection_kernel(std::int32_t* selected, const int* num_landmarks, std::int32_t* prev,
                                         int layers, int layer, int num_kv_heads, int k, float reuse, unsigned step,
-                                        unsigned salt,
-                                        int bitmap_words) {
+                                        unsigned salt, int bitmap_words) {
   using Scan = cub::BlockScan<int, kReplayThreads>;
   __shared__ typename Scan::TempStorage scan_storage;
   extern __shared__ unsigned replay_bitmaps[];
   unsigned* taken = replay_bitmaps;                  // the previous selection, then the draws
   unsigned* chosen = replay_bitmaps + bitmap_words;  // the new selection
   const int h = blockIdx.x, b = blockIdx.y;
+  const unsigned row_seed = (b * 131071u + h) ^ salt;  // this (b, h) in this run
   const int m = num_landmarks[b];
   if (m < k || (m + 31) / 32 > bitmap_words) return;
   std::int32_t* sel = selected + (static_cast<long long>(b) * num_kv_heads + h) * k;
@@ -146,10 +146,10 @@ __global__ void replay_selection_kernel(std::int32_t* selected, const int* num_l
   // (At least 2k - m are kept: there are only m - k chunks the previous step did not select.)
   const int keep = max(2 * k - m, min(k, static_cast<int>(lrintf(reuse * static_cast<float>(k)))));
   for (int i = threadIdx.x; i < k; i += blockDim.x) {
-    const unsigned key = mix_bits(step, (b * 131071u + h) ^ salt, 0x5eedu, static_cast<unsigned>(i));
+    const unsigned key = mix_bits(step, row_seed, 0x5eedu, static_cast<unsigned>(i));
     int rank = 0;
     for (int j = 0; j < k; ++j) {
-      const unsigned other = mix_bits(step, (b * 131071u + h) ^ salt, 0x5eedu, static_cast<unsigned>(j));
+      const unsigned other = mix_bits(step, row_seed, 0x5eedu, static_cast<unsigned>(j));
       rank += other < key || (other == key && j < i);
     }
     if (rank < keep) atomicOr(&chosen[pv[i] >> 5], 1u << (pv[i] & 31));
@@ -158,7 +158,7 @@ __global__ void replay_selection_kernel(std::int32_t* selected, const int* num_l
   // Draw k - keep chunks the previous step did not select (rejection; the density is k / m).
   for (int i = keep + threadIdx.x; i < k; i += blockDim.x) {
     for (unsigned attempt = 0;; ++attempt) {
-      const int c = static_cast<int>(mix_bits(step, (b * 131071u + h) ^ salt, static_cast<unsigned>(i), attempt) % m);
+      const int c = static_cast<int>(mix_bits(step, row_seed, static_cast<unsigned>(i), attempt) % m);
       const unsigned bit = 1u << (c & 31);
       if (!(atomicOr(&taken[c >> 5], bit) & bit)) {
         atomicOr(&chosen[c >> 5], bit);
@@ -594,14 +594,14 @@ struct Activations {
 /// every layer of a sequence before its finish_prefill (about 2-3x the sequence's final dense
 /// KV bytes), which costs dense one sequence of batch at long contexts. A decode step issues the
 /// same per-layer calls either way.
-/// The offloaded values' pinned memory, kept across sequences and runs (as an engine would pin
-/// its host pool once): after the first batch of a context, building a sequence pins nothing.
 /// Staged prompts and the harness's own prompt buffers (see Attention).
 skc::PoolAllocator& staging_pool() {
   static skc::PoolAllocator pool;
   return pool;
 }
 
+/// The offloaded values' pinned memory, kept across sequences and runs (as an engine would pin
+/// its host pool once): after the first batch of a context, building a sequence pins nothing.
 skc::CachingHostAllocator& host_cache() {
   static skc::CachingHostAllocator cache;
   return cache;
@@ -723,7 +723,6 @@ void prefill_sequence(Attention<Policy>& attn, SeqId id, const ModelShape& s, lo
   if (attn.single()) attn.at(0).finish_prefill(id, stream);
 }
 
-/// Everything a decode step needs.
 /// CUDA events around each layer's attention call of one decode step (`decode_step` records
 /// them when an `Engine` points at one): the step's time in attention against the rest.
 struct AttentionTimer {
@@ -755,6 +754,7 @@ struct AttentionTimer {
   }
 };
 
+/// Everything a decode step needs.
 struct Engine {
   const Model* model;
   Activations* act;
@@ -1051,11 +1051,7 @@ void run_policy(const Options& o, const ModelShape& s, const Config& base_cfg, l
       row.planned_host_bytes_per_seq = now.host_bytes;
       row.measured_device_bytes_per_seq = measured_per_seq;
       row.pcie_mb_per_step = st.pcie_bytes / 1e6 / o.steps;
-      if (reuse >= 0) {
-        char mode[32];
-        std::snprintf(mode, sizeof mode, "replay-%.0f%%", reuse * 100);
-        row.mode = mode;
-      }
+      row.mode = row_mode_name(reuse);
       row.attention_hbm_mb_per_step = st.hbm_bytes / 1e6 / o.steps;
       row.host_issue_ms_per_step = issue_ms / o.steps;
       row.cache_fill_steps = fill;

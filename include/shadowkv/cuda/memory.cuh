@@ -26,19 +26,26 @@ class DeviceAllocator {
   virtual void deallocate(void* ptr, std::size_t bytes, cudaStream_t stream) noexcept = 0;
 };
 
+namespace detail {
+/// `ptr` when `status` is a success; else clears the error and throws `shadowkv::Error` naming
+/// the size and `where` the allocation came from.
+inline void* checked_allocation(cudaError_t status, void* ptr, std::size_t bytes, const char* where) {
+  if (status != cudaSuccess) {
+    (void)cudaGetLastError();
+    SHADOWKV_FAIL("device allocation of ", bytes, " bytes", where, " failed: ", cudaGetErrorName(status), ": ",
+                  cudaGetErrorString(status));
+  }
+  return ptr;
+}
+}  // namespace detail
+
 /// The default: `cudaMallocAsync` / `cudaFreeAsync` on the device's default memory pool.
 class AsyncAllocator final : public DeviceAllocator {
  public:
   void* allocate(std::size_t bytes, cudaStream_t stream) override {
     void* ptr = nullptr;
     if (bytes == 0) return nullptr;
-    const cudaError_t status = cudaMallocAsync(&ptr, bytes, stream);
-    if (status != cudaSuccess) {
-      (void)cudaGetLastError();
-      SHADOWKV_FAIL("device allocation of ", bytes, " bytes failed: ", cudaGetErrorName(status), ": ",
-                    cudaGetErrorString(status));
-    }
-    return ptr;
+    return detail::checked_allocation(cudaMallocAsync(&ptr, bytes, stream), ptr, bytes, "");
   }
   void deallocate(void* ptr, std::size_t, cudaStream_t stream) noexcept override {
     if (ptr) (void)cudaFreeAsync(ptr, stream);
@@ -83,13 +90,8 @@ class PoolAllocator final : public DeviceAllocator {
   void* allocate(std::size_t bytes, cudaStream_t stream) override {
     void* ptr = nullptr;
     if (bytes == 0) return nullptr;
-    const cudaError_t status = cudaMallocFromPoolAsync(&ptr, bytes, pool_, stream);
-    if (status != cudaSuccess) {
-      (void)cudaGetLastError();
-      SHADOWKV_FAIL("device allocation of ", bytes, " bytes from a PoolAllocator failed: ", cudaGetErrorName(status),
-                    ": ", cudaGetErrorString(status));
-    }
-    return ptr;
+    return detail::checked_allocation(cudaMallocFromPoolAsync(&ptr, bytes, pool_, stream), ptr, bytes,
+                                      " from a PoolAllocator");
   }
   void deallocate(void* ptr, std::size_t, cudaStream_t stream) noexcept override {
     if (ptr) (void)cudaFreeAsync(ptr, stream);

@@ -473,11 +473,9 @@ class SparseAttention<Policy, CudaBackend, T> {
     StepStats s = last_step_fixed_;
     if (last_step_has_pool_) {
       // The pool's counters are running totals: this step is the latest snapshot minus the one before.
-      const std::int64_t* now = counters_host_.data() + kCounters * snapshot_;
-      const std::int64_t* before = counters_host_.data() + kCounters * (1 - snapshot_);
-      std::int64_t delta[kCounters];
-      for (int i = 0; i < 4; ++i) delta[i] = now[i] - before[i];
-      delta[4] = skipped_count(now) - skipped_count(before);
+      std::array<std::int64_t, kCounters> delta = counter_snapshot(snapshot_);
+      const std::array<std::int64_t, kCounters> before = counter_snapshot(1 - snapshot_);
+      for (int i = 0; i < kCounters; ++i) delta[i] -= before[i];
       add_pool(s, delta);
     }
     return s;
@@ -486,12 +484,7 @@ class SparseAttention<Policy, CudaBackend, T> {
   StepStats totals() const {
     SHADOWKV_CUDA_CHECK(cudaEventSynchronize(step_done_));
     StepStats s = totals_fixed_;
-    if constexpr (kLowRank) {
-      std::int64_t latest[kCounters];
-      std::copy_n(counters_host_.data() + kCounters * snapshot_, kCounters, latest);
-      latest[4] = skipped_count(latest);
-      add_pool(s, latest);
-    }
+    if constexpr (kLowRank) add_pool(s, counter_snapshot(snapshot_));
     return s;
   }
   void reset_stats() {
@@ -1114,16 +1107,22 @@ class SparseAttention<Policy, CudaBackend, T> {
     totals_fixed_ += step;
   }
 
-  /// The skipped count of a snapshot: a 32-bit int the kernels add to, in a 64-bit slot.
-  static std::int64_t skipped_count(const std::int64_t* snapshot) {
-    std::int32_t n = 0;
-    std::memcpy(&n, snapshot + 4, sizeof n);  // the slot's first 4 bytes (little-endian hosts)
-    return n;
+  static constexpr int kCounters = 5;  // requested, hits, misses, heads with misses, skipped
+
+  /// Snapshot `which` (0 or 1) of the pool's running totals as counts. The skipped count is a
+  /// 32-bit int the kernels add to, in the first 4 bytes of its 64-bit slot (little-endian hosts).
+  std::array<std::int64_t, kCounters> counter_snapshot(int which) const {
+    std::array<std::int64_t, kCounters> c;
+    std::copy_n(counters_host_.data() + kCounters * which, kCounters, c.begin());
+    std::int32_t skipped = 0;
+    std::memcpy(&skipped, &c[4], sizeof skipped);
+    c[4] = skipped;
+    return c;
   }
 
   /// Adds the pool counters (`requested, hits, misses, heads with misses, skipped`) and the
   /// bytes they imply (A rows read, key and value slots written, each head's basis) to `s`.
-  void add_pool(StepStats& s, const std::int64_t* counters) const {
+  void add_pool(StepStats& s, const std::array<std::int64_t, kCounters>& counters) const {
     const std::int64_t sz = sizeof(T), c = config_.chunk_size, d = config_.head_dim, r = config_.rank;
     s.pool.requested += counters[0];
     s.pool.hits += counters[1];
@@ -1159,7 +1158,6 @@ class SparseAttention<Policy, CudaBackend, T> {
   cuda::detail::Scratch<std::byte> workspace_, attn_workspace_;
   // Two snapshots of the pool's running totals [kCounters]: the last decode's (at kCounters *
   // snapshot_) and the one before; a step's counts are their difference.
-  static constexpr int kCounters = 5;  // requested, hits, misses, heads with misses, skipped
   cuda::PinnedBuffer<std::int64_t> counters_host_;
   int snapshot_ = 0;
   int parity_ = 0;  // which miss counter of counters_ the next step appends to
