@@ -769,6 +769,37 @@ TEST_CASE("miss ops: a device miss count and out-of-range misses (skipped, count
   CHECK(download_int(*d_key_invalid) == 6 + 2);
   CHECK(download_int(*d_value_invalid) == 6 + 2);
   check_slots(12);
+
+  // Side by side on one stream (sm_90 and newer), into fresh slots, with what follows on the
+  // stream (copies of the slots) seeing both halves done.
+  for (std::size_t s = 0; s < batch.size(); ++s) {
+    value_slots[s]->upload(initial_slots<T>(s, h, capacities[s], chunk_elems, valid_misses));
+    batch[s].slots->upload(batch[s].initial_slots);
+  }
+  d_count->upload(std::vector<int>{10});
+  d_key_invalid->upload(std::vector<int>{0});
+  d_value_invalid->upload(std::vector<int>{0});
+  if (!skc::rebuild_keys_beside_gather(kp, vp, stream.get())) {
+    MESSAGE("no programmatic dependent launch on this device: rebuild_keys_beside_gather declined, as documented");
+    return;
+  }
+  std::vector<std::unique_ptr<DeviceBuffer<T>>> key_copies, value_copies;
+  for (std::size_t s = 0; s < batch.size(); ++s) {
+    key_copies.push_back(std::make_unique<DeviceBuffer<T>>(batch[s].slots->size()));
+    value_copies.push_back(std::make_unique<DeviceBuffer<T>>(value_slots[s]->size()));
+    SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(key_copies[s]->get(), batch[s].slots->get(), batch[s].slots->size() * sizeof(T),
+                                        cudaMemcpyDeviceToDevice, stream.get()));
+    SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(value_copies[s]->get(), value_slots[s]->get(),
+                                        value_slots[s]->size() * sizeof(T), cudaMemcpyDeviceToDevice, stream.get()));
+  }
+  stream.sync();
+  CHECK(download_int(*d_key_invalid) == 6);
+  CHECK(download_int(*d_value_invalid) == 6);
+  for (std::size_t s = 0; s < batch.size(); ++s) {  // the copies are what the slots hold at the end
+    std::swap(batch[s].slots, key_copies[s]);
+    std::swap(value_slots[s], value_copies[s]);
+  }
+  check_slots(10);
 }
 
 TEST_SUITE_END();

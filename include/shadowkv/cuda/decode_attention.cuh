@@ -128,12 +128,13 @@ inline DecodeAttentionPlan plan_decode_attention_with_splits(int batch, int num_
 /// Asynchronous on `stream`; nothing is synchronised. bf16 and fp16 storage run the
 /// tensor-core kernel, which rounds the scaled queries and the softmax weights to `D` before
 /// the MMAs (as FlashAttention does; accumulation stays in float); float storage runs the
-/// CUDA-core kernel, all in float.
+/// CUDA-core kernel, all in float. `copy` (optional, up to 32 words) is copied once the kernels
+/// before on `stream` are done (see `AttentionWordCopy`).
 template <class D>
 void decode_attention(const float* queries, const KVSegments<D>* segments, D* out, int batch, int num_q_heads,
                       int num_kv_heads, int head_dim, float scale, long long max_rows,
                       const DecodeAttentionPlan& plan, void* workspace, std::size_t workspace_bytes,
-                      cudaStream_t stream) {
+                      cudaStream_t stream, const AttentionWordCopy& copy = {}) {
   (void)plan_decode_attention(batch, num_q_heads, num_kv_heads, head_dim, max_rows);  // validates the shapes
   SHADOWKV_CHECK(plan.num_splits >= 1 && plan.rows_per_split >= detail::kRowsGranule &&
                      plan.rows_per_split % detail::kRowsGranule == 0,
@@ -147,7 +148,11 @@ void decode_attention(const float* queries, const KVSegments<D>* segments, D* ou
   SHADOWKV_CHECK(workspace_bytes >= required, "workspace_bytes=", workspace_bytes, " < required ", required);
   SHADOWKV_CHECK(queries && segments && out && workspace, "queries, segments, out and workspace must be non-null");
   SHADOWKV_CHECK(std::isfinite(scale) && scale > 0.0f, "scale=", scale, " must be finite and positive");
+  SHADOWKV_CHECK(copy.words >= 0 && copy.words <= 32, "copy.words=", copy.words, " must be in [0, 32]");
+  SHADOWKV_CHECK(copy.words == 0 || (copy.src && copy.dst), "copy.words=", copy.words,
+                 " but copy.src or copy.dst is null");
   DecodeAttentionParams<D> p;
+  p.copy = copy;
   p.queries = queries;
   p.out = out;
   p.segments = segments;

@@ -28,6 +28,7 @@
 #include "error.cuh"
 #include "kernels/gather_values.cuh"
 #include "kernels/rebuild_keys.cuh"
+#include "launch.cuh"
 
 namespace shadowkv::cuda {
 
@@ -109,16 +110,12 @@ void check_gather_values_params(const GatherValuesParams<D>& p) {
   detail::check_miss_list(p.num_misses, p.misses, p.num_sequences, p.sequences);
 }
 
-/// Rebuilds the keys of every miss of `p.misses` with RoPE into its key slot:
-/// for miss (seq, h, m, s) and t in [0, c), with p = m * c + t,
-/// `key_slots_seq[h][s][t][:] = D(rope_p(A_seq[p, :] · basis_seq[h]))` (`[H_kv, capacity, c, d]`
-/// slots; products and sums in float (tensor cores for bf16/fp16, FMAs for fp32), RoPE with the
-/// shared `device::` functions, so the keys equal
-/// `LowRankKeyStore<CpuBackend>::reconstruct(h, positions, out, &table)` to float rounding).
-/// Nothing else is written. Asynchronous on `stream`.
+namespace detail {
+
+/// `rebuild_keys`'s launch, with a programmatic dependency on the kernel before when
+/// `programmatic` (the caller checked the parameters and the device).
 template <class D>
-void rebuild_keys(const RebuildKeysParams<D>& p, cudaStream_t stream) {
-  check_rebuild_keys_params(p);
+void launch_rebuild_keys(const RebuildKeysParams<D>& p, cudaStream_t stream, bool programmatic) {
   if (p.num_misses == 0) return;
   SHADOWKV_DISPATCH_HEAD_DIM(p.head_dim, HD, [&] {
     using Tile = kernels::RebuildTile<D, HD>;
@@ -147,18 +144,20 @@ void rebuild_keys(const RebuildKeysParams<D>& p, cudaStream_t stream) {
     per_cta = std::max<long long>(misses_per_tile, (per_cta + misses_per_tile - 1) / misses_per_tile * misses_per_tile);
     const int misses_per_block = static_cast<int>(std::min<long long>(per_cta, p.num_misses));
     const unsigned grid = static_cast<unsigned>((p.num_misses + misses_per_block - 1) / misses_per_block);
-    kernel<<<grid, Tile::kThreads, smem, stream>>>(p, misses_per_block, basis_rows);
-    SHADOWKV_CUDA_CHECK_LAUNCH();
+    if (programmatic) {
+      launch_kernel<kernels::rebuild_keys_kernel<D, HD>>(dim3(grid), dim3(Tile::kThreads), smem, stream, 1u, p,
+                                                         misses_per_block, basis_rows);
+    } else {
+      kernel<<<grid, Tile::kThreads, smem, stream>>>(p, misses_per_block, basis_rows);
+      SHADOWKV_CUDA_CHECK_LAUNCH();
+    }
   });
 }
 
-/// Copies the values of every miss of `p.misses` from the host chunk to its value slot:
-/// for miss (seq, h, m, s), `value_slots_seq[h][s] = host_values_seq[h][m]` (`[c, d]`, bit for
-/// bit; host `[H_kv, num_chunks, c, d]` read zero-copy over PCIe, slots `[H_kv, capacity, c, d]`).
-/// Nothing else is written. Asynchronous on `stream`.
-template <class D>
-void gather_values(const GatherValuesParams<D>& p, cudaStream_t stream) {
-  check_gather_values_params(p);
+/// `gather_values`'s launch (`kBesideRebuild`: right after `launch_rebuild_keys`, see
+/// `gather_values_kernel`).
+template <class D, bool kBesideRebuild>
+void launch_gather_values(const GatherValuesParams<D>& p, cudaStream_t stream) {
   if (p.num_misses == 0) return;
   constexpr int kWarps = kernels::kGatherWarps;
   int device = 0;
@@ -168,8 +167,55 @@ void gather_values(const GatherValuesParams<D>& p, cudaStream_t stream) {
   const long long wanted = (static_cast<long long>(p.num_misses) + kWarps - 1) / kWarps;
   const unsigned grid =
       static_cast<unsigned>(std::min<long long>(wanted, static_cast<long long>(sms) * detail::kGatherCtasPerSm));
-  kernels::gather_values_kernel<D><<<grid, kWarps * 32, 0, stream>>>(p);
-  SHADOWKV_CUDA_CHECK_LAUNCH();
+  if constexpr (kBesideRebuild) {
+    launch_kernel<kernels::gather_values_kernel<D, true>>(dim3(grid), dim3(kWarps * 32), 0, stream, 1u, p);
+  } else {
+    kernels::gather_values_kernel<D><<<grid, kWarps * 32, 0, stream>>>(p);
+    SHADOWKV_CUDA_CHECK_LAUNCH();
+  }
 }
 
+}  // namespace detail
+
+/// Rebuilds the keys of every miss of `p.misses` with RoPE into its key slot:
+/// for miss (seq, h, m, s) and t in [0, c), with p = m * c + t,
+/// `key_slots_seq[h][s][t][:] = D(rope_p(A_seq[p, :] · basis_seq[h]))` (`[H_kv, capacity, c, d]`
+/// slots; products and sums in float (tensor cores for bf16/fp16, FMAs for fp32), RoPE with the
+/// shared `device::` functions, so the keys equal
+/// `LowRankKeyStore<CpuBackend>::reconstruct(h, positions, out, &table)` to float rounding).
+/// Nothing else is written. Asynchronous on `stream`.
+template <class D>
+void rebuild_keys(const RebuildKeysParams<D>& p, cudaStream_t stream) {
+  check_rebuild_keys_params(p);
+  detail::launch_rebuild_keys(p, stream, false);
+}
+
+/// Copies the values of every miss of `p.misses` from the host chunk to its value slot:
+/// for miss (seq, h, m, s), `value_slots_seq[h][s] = host_values_seq[h][m]` (`[c, d]`, bit for
+/// bit; host `[H_kv, num_chunks, c, d]` read zero-copy over PCIe, slots `[H_kv, capacity, c, d]`).
+/// Nothing else is written. Asynchronous on `stream`.
+template <class D>
+void gather_values(const GatherValuesParams<D>& p, cudaStream_t stream) {
+  check_gather_values_params(p);
+  detail::launch_gather_values<D, false>(p, stream);
+}
+
+/// `rebuild_keys(rp, stream)` and `gather_values(gp, stream)` over the same miss list, side by
+/// side on one stream: the rebuild waits for the kernels before it and then lets the gather
+/// start (programmatic dependent launch), and the gather waits for the rebuild at its end, so
+/// that what follows on `stream` sees both done. This needs sm_90 or newer: elsewhere it
+/// launches nothing and returns false, and the caller runs the two on two streams.
+template <class D>
+bool rebuild_keys_beside_gather(const RebuildKeysParams<D>& rp, const GatherValuesParams<D>& gp,
+                                cudaStream_t stream) {
+  check_rebuild_keys_params(rp);
+  check_gather_values_params(gp);
+  SHADOWKV_CHECK(rp.misses == gp.misses && rp.num_misses == gp.num_misses &&
+                     rp.maybe_num_misses == gp.maybe_num_misses && rp.num_sequences == gp.num_sequences,
+                 "rebuild_keys_beside_gather: the rebuild and the gather must read the same miss list");
+  if (!programmatic_launch_supported<kernels::gather_values_kernel<D, true>>()) return false;
+  detail::launch_rebuild_keys(rp, stream, true);
+  detail::launch_gather_values<D, true>(gp, stream);
+  return true;
+}
 }  // namespace shadowkv::cuda

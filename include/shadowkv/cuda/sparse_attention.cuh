@@ -8,8 +8,10 @@
 ///
 ///   RoPE (queries to float, the new key and value appended) → landmark scores (ShadowKV) or
 ///   exact chunk scores (oracle) → top-k → slot-table update (hits stay, misses listed) →
-///   value gather of the misses from pinned memory on a side stream ∥ key rebuild with RoPE on
-///   the caller's stream → split-K attention over static ∪ selected ∪ generated rows.
+///   key rebuild with RoPE ∥ value gather of the misses from pinned memory (side by side on the
+///   caller's stream through programmatic dependent launch; on a side stream before sm_90) →
+///   split-K attention over static ∪ selected ∪ generated rows, which also copies the step's
+///   counters to mapped host memory.
 
 #include <cuda_runtime.h>
 
@@ -82,6 +84,7 @@ class StagingRing {
 
   StagingRing() {
     for (Slot& s : slots_) SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&s.done, cudaEventDisableTiming));
+    SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&copied_, cudaEventDisableTiming));
   }
   StagingRing(const StagingRing&) = delete;
   StagingRing& operator=(const StagingRing&) = delete;
@@ -93,12 +96,15 @@ class StagingRing {
         (void)cudaEventSynchronize(s.done);
         (void)cudaEventDestroy(s.done);
       }
+    if (copied_) (void)cudaEventDestroy(copied_);
   }
 
-  /// Copies `blob` to the device on `stream`; returns the device address. Call `release(stream)`
-  /// after the last launch that reads it. A failed allocation leaves the slot as it was.
+  /// Copies `blob` to the device for `stream`; returns the device address. Call
+  /// `release(stream)` after the last launch that reads it. A failed allocation leaves the slot
+  /// as it was. With `copy_stream`, the copy runs there, so that it overlaps whatever `stream`
+  /// still runs before it (the descriptors depend on no GPU work), and `stream` waits for it.
   std::byte* upload(const DescriptorBlob& blob, cudaStream_t stream, DeviceAllocator& allocator,
-                    HostAllocator& host_allocator) {
+                    HostAllocator& host_allocator, cudaStream_t copy_stream = nullptr) {
     Slot& s = slots_[next_];
     SHADOWKV_CUDA_CHECK(cudaEventSynchronize(s.done));  // its last reader has finished
     if (s.host.size() < blob.size()) {
@@ -111,7 +117,13 @@ class StagingRing {
     }
     if (blob.size() == 0) return s.device.data();
     std::memcpy(s.host.data(), blob.data(), blob.size());
-    SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(s.device.data(), s.host.data(), blob.size(), cudaMemcpyHostToDevice, stream));
+    // The slot's last reader has finished (above), so the copy needs no order after `stream`.
+    SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(s.device.data(), s.host.data(), blob.size(), cudaMemcpyHostToDevice,
+                                        copy_stream ? copy_stream : stream));
+    if (copy_stream) {
+      SHADOWKV_CUDA_CHECK(cudaEventRecord(copied_, copy_stream));
+      SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(stream, copied_, 0));
+    }
     return s.device.data();
   }
   void release(cudaStream_t stream) {
@@ -126,6 +138,7 @@ class StagingRing {
     cudaEvent_t done = nullptr;
   };
   std::array<Slot, kSlots> slots_{};
+  cudaEvent_t copied_ = nullptr;  // the last upload on a copy stream
   int next_ = 0;
 };
 
@@ -201,8 +214,9 @@ using SelectionHook = std::function<void(const SelectionHookArgs&, cudaStream_t)
 ///   call takes a `cudaStream_t`. Calls on one object must be ordered: use one stream, or order
 ///   the streams with events (per-step scratch is shared, and buffers are freed stream-ordered on
 ///   the stream that allocated them, which must outlive them).
-/// - `decode` never waits for the GPU: it enqueues its launches (the value gather on an internal
-///   side stream forked from and joined back to yours). The host blocks only when it runs 16
+/// - `decode` never waits for the GPU: it enqueues its launches (the descriptor upload on an
+///   internal side stream that yours waits for, and before sm_90 the value gather there too,
+///   forked from and joined back to yours). The host blocks only when it runs 16
 ///   launch sequences ahead of the GPU (descriptor staging ring). `finish_prefill` waits for the
 ///   eigensolver's status (ShadowKV).
 /// - `last_step()`, `totals()` and `last_selection()` read results back: they wait for the work
@@ -248,8 +262,6 @@ class SparseAttention<Policy, CudaBackend, T> {
       SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&fork_, cudaEventDisableTiming));
       SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&join_, cudaEventDisableTiming));
       SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&step_done_, cudaEventDisableTiming));
-      SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&counters_copied_, cudaEventDisableTiming));
-      SHADOWKV_CUDA_CHECK(cudaEventCreateWithFlags(&rebuilt_, cudaEventDisableTiming));
     } catch (...) {
       destroy_stream_and_events();
       throw;
@@ -588,7 +600,7 @@ class SparseAttention<Policy, CudaBackend, T> {
   void destroy_stream_and_events() noexcept {
     if (side_stream_) (void)cudaStreamSynchronize(side_stream_);
     if (step_done_) (void)cudaEventSynchronize(step_done_);
-    for (cudaEvent_t e : {step_done_, join_, fork_, counters_copied_, rebuilt_})
+    for (cudaEvent_t e : {step_done_, join_, fork_})
       if (e) (void)cudaEventDestroy(e);
     if (side_stream_) (void)cudaStreamDestroy(side_stream_);
   }
@@ -922,7 +934,7 @@ class SparseAttention<Policy, CudaBackend, T> {
       }
     const auto plan = cuda::plan_decode_attention(nb, hq, hkv, d, max_rows);
     void* attn_ws = attn_workspace_.get(plan.workspace_bytes, stream, *allocator_);
-    std::byte* dev = ring_.upload(blob_, stream, *allocator_, *host_allocator_);
+    std::byte* dev = ring_.upload(blob_, stream, *allocator_, *host_allocator_, side_stream_);
     auto dev_ptr = [&](std::size_t off) { return dev + off; };
     for (LayerState* st : batch) {
       st->length += 1;
@@ -1025,6 +1037,7 @@ class SparseAttention<Policy, CudaBackend, T> {
       }
     }
 
+    cuda::AttentionWordCopy counter_copy;
     if constexpr (kLowRank) {
       if (k > 0) {
         const std::size_t max_misses = sel_elems;
@@ -1055,9 +1068,6 @@ class SparseAttention<Policy, CudaBackend, T> {
         up.maybe_num_invalid = skipped;
         cuda::update_slot_tables(up, stream);
         parity_ = 1 - parity_;
-        // Fork: values over PCIe on the side stream, keys rebuilt here meanwhile.
-        SHADOWKV_CUDA_CHECK(cudaEventRecord(fork_, stream));
-        SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(side_stream_, fork_, 0));
         cuda::GatherValuesParams<D> gp;
         gp.sequences = reinterpret_cast<const cuda::GatherValuesSequence<D>*>(dev_ptr(gather_off));
         gp.num_sequences = nb;
@@ -1068,8 +1078,6 @@ class SparseAttention<Policy, CudaBackend, T> {
         gp.num_kv_heads = hkv;
         gp.head_dim = d;
         gp.chunk_size = c;
-        cuda::gather_values(gp, side_stream_);
-        SHADOWKV_CUDA_CHECK(cudaEventRecord(join_, side_stream_));
         cuda::RebuildKeysParams<D> rp;
         rp.sequences = reinterpret_cast<const cuda::RebuildKeysSequence<D>*>(dev_ptr(rebuild_off));
         rp.num_sequences = nb;
@@ -1082,26 +1090,30 @@ class SparseAttention<Policy, CudaBackend, T> {
         rp.rank = config_.rank;
         rp.chunk_size = c;
         rp.rope = cuda::make_rebuild_rope(rope_, rope_device_.data());
-        cuda::rebuild_keys(rp, stream);
-        // The totals to the host on the side stream once the gather and the rebuild (both add to
-        // `skipped`) are done, beside the attention; the step's end waits for the copy.
-        SHADOWKV_CUDA_CHECK(cudaEventRecord(rebuilt_, stream));
-        SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(side_stream_, rebuilt_, 0));
-        const int snap = 1 - snapshot_;
-        SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(counters_host_.data() + kCounters * snap, counters,
-                                            kCounters * sizeof(std::int64_t), cudaMemcpyDeviceToHost, side_stream_));
-        SHADOWKV_CUDA_CHECK(cudaEventRecord(counters_copied_, side_stream_));
-        snapshot_ = snap;
-        SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(stream, join_, 0));
+        // The values over PCIe while the keys are rebuilt: side by side on this stream where the
+        // device has programmatic dependent launch, else on the side stream (fork and join).
+        if (!cuda::rebuild_keys_beside_gather(rp, gp, stream)) {
+          SHADOWKV_CUDA_CHECK(cudaEventRecord(fork_, stream));
+          SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(side_stream_, fork_, 0));
+          cuda::gather_values(gp, side_stream_);
+          SHADOWKV_CUDA_CHECK(cudaEventRecord(join_, side_stream_));
+          cuda::rebuild_keys(rp, stream);
+          SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(stream, join_, 0));
+        }
+        // The attention kernel copies the running totals (final once the gather and the rebuild,
+        // which add to `skipped`, are done) to this step's snapshot in mapped host memory.
+        snapshot_ = 1 - snapshot_;
+        counter_copy.src = counters;
+        counter_copy.dst = counters_host_.device_data() + kCounters * snapshot_;
+        counter_copy.words = kCounters;
         last_step_has_pool_ = true;
       }
     }
 
     cuda::decode_attention<D>(q, reinterpret_cast<const cuda::KVSegments<D>*>(dev_ptr(seg_off)),
                               cuda::as_device(out.data), nb, hq, hkv, d, config_.scale(), max_rows, plan, attn_ws,
-                              plan.workspace_bytes, stream);
+                              plan.workspace_bytes, stream, counter_copy);
     ring_.release(stream);
-    if (last_step_has_pool_) SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(stream, counters_copied_, 0));
     SHADOWKV_CUDA_CHECK(cudaEventRecord(step_done_, stream));
     last_step_fixed_ = step;
     totals_fixed_ += step;
@@ -1146,8 +1158,6 @@ class SparseAttention<Policy, CudaBackend, T> {
   SeqMap seqs_;
   cudaStream_t side_stream_ = nullptr;
   cudaEvent_t fork_ = nullptr, join_ = nullptr, step_done_ = nullptr;
-  cudaEvent_t counters_copied_ = nullptr;  // the pool's totals reached counters_host_
-  cudaEvent_t rebuilt_ = nullptr;          // the key rebuild of the step is done
   cuda::detail::StagingRing ring_;
   Blob blob_;
   // Per-step scratch (grown, never shrunk; not counted by memory()).
@@ -1157,7 +1167,8 @@ class SparseAttention<Policy, CudaBackend, T> {
   cuda::detail::Scratch<std::int64_t> counters_;
   cuda::detail::Scratch<std::byte> workspace_, attn_workspace_;
   // Two snapshots of the pool's running totals [kCounters]: the last decode's (at kCounters *
-  // snapshot_) and the one before; a step's counts are their difference.
+  // snapshot_) and the one before; a step's counts are their difference. Mapped host memory:
+  // the step's attention kernel writes its snapshot (cuda::AttentionWordCopy).
   cuda::PinnedBuffer<std::int64_t> counters_host_;
   int snapshot_ = 0;
   int parity_ = 0;  // which miss counter of counters_ the next step appends to

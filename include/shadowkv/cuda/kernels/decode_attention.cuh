@@ -45,6 +45,15 @@ struct KVSegments {
   }
 };
 
+/// A few 64-bit words that a decode-attention launch copies once every kernel before it on the
+/// stream has finished: one thread, at the start of the split kernel. The decode step uses it
+/// to bring its counters to mapped host memory without a copy of its own on the stream.
+struct AttentionWordCopy {
+  const std::int64_t* src = nullptr;  ///< device
+  std::int64_t* dst = nullptr;        ///< device, or mapped host memory (`PinnedBuffer::device_data()`)
+  int words = 0;                      ///< at most 32
+};
+
 /// Plain parameters of one launch (see `decode_attention` in cuda/decode_attention.cuh).
 template <class D>
 struct DecodeAttentionParams {
@@ -59,9 +68,19 @@ struct DecodeAttentionParams {
   int num_splits = 1;
   long long rows_per_split = 0;
   float scale = 1.0f;
+  AttentionWordCopy copy;
 };
 
 namespace kernels {
+
+/// `p.copy`, by thread `i < words` of CTA (0, 0), read past L1: the words were written by the
+/// kernels this launch waited for.
+template <class D>
+__device__ __forceinline__ void attention_word_copy(const DecodeAttentionParams<D>& p) {
+  if (blockIdx.x == 0 && blockIdx.y == 0 && static_cast<int>(threadIdx.x) < p.copy.words)
+    p.copy.dst[threadIdx.x] = __ldcg(p.copy.src + threadIdx.x);
+}
+
 
 /// `N` consecutive storage elements held raw in registers, loaded with the widest aligned
 /// vector loads the width allows (rows start 16-byte aligned when the base pointer is).
@@ -161,6 +180,7 @@ __global__ void __launch_bounds__(kWarps * 32)
   constexpr int kRowsPerWarpStep = SUB * kRowsPerLane;
   wait_for_previous_grids();  // launched overlapping the kernel before it (cuda/decode_attention.cuh)
   allow_next_grid();          // the combine kernel
+  attention_word_copy(p);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int sub = lane / TPR, sl = lane % TPR;
   const int seq_head = blockIdx.y;  // b * H_kv + h
@@ -407,6 +427,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #else
   wait_for_previous_grids();  // launched overlapping the kernel before it (cuda/decode_attention.cuh)
   allow_next_grid();          // the combine kernel
+  attention_word_copy(p);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int qr = lane / 4, qc = lane % 4;
   const int seq_head = blockIdx.y;  // b * H_kv + h

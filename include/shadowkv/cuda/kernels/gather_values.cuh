@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "../types.cuh"
+#include "grid_dependency.cuh"
 
 namespace shadowkv::cuda {
 
@@ -67,7 +68,7 @@ inline constexpr int kGatherUnroll = 4;
 __device__ __forceinline__ int miss_list_count(int num_misses, const int* maybe_num_misses,
                                           int* maybe_num_invalid) {
   if (!maybe_num_misses) return num_misses;
-  const int n = *maybe_num_misses;
+  const int n = __ldcg(maybe_num_misses);  // past L1: written by an earlier kernel
   if (n > num_misses && maybe_num_invalid && blockIdx.x == 0 && threadIdx.x == 0)
     atomicAdd(maybe_num_invalid, n - num_misses);
   return n < 0 ? 0 : (n > num_misses ? num_misses : n);
@@ -79,20 +80,30 @@ __device__ __forceinline__ int miss_list_count(int num_misses, const int* maybe_
 /// in one round) when the chunk's size and both addresses allow, element by element
 /// otherwise. Bits are copied unchanged.
 ///
+/// `kBesideRebuild`: launched with a programmatic dependency right after `rebuild_keys_kernel`
+/// of the same list (`rebuild_keys_beside_gather`), which lets it start once the rebuild has
+/// waited for the kernels before it, the miss list's writers; this kernel waits for the rebuild
+/// only at its end, so that whatever follows on the stream sees both done.
+///
 /// Performance: the floor is PCIe, `num_misses * c * d * sizeof(D)` bytes read from host
 /// memory at the zero-copy gather rate (GPU.md: ≈ 51 GB/s for 1–4 KiB chunks, ≈ 36 GB/s at
 /// 512 B), e.g. 6400 misses of 2 KiB (c = 8, d = 128, bf16) = 13.1 MB ≈ 257 µs; the same bytes
 /// written to HBM and the 16-byte miss entries are noise at 4 TB/s. Warps stay resident while
 /// their loads cross PCIe, so a few CTAs per SM keep far more than the ≈ 100–200 KB that the
 /// link needs in flight, and leave the SMs to the key rebuild running beside.
-template <class D>
+template <class D, bool kBesideRebuild = false>
 __global__ void __launch_bounds__(kGatherWarps * 32)
     gather_values_kernel(const GatherValuesParams<D> p) {
+  if constexpr (!kBesideRebuild) wait_for_previous_grids();
   const int n = miss_list_count(p.num_misses, p.maybe_num_misses, p.maybe_num_invalid);
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warps = static_cast<int>(gridDim.x) * kGatherWarps;
   for (int m = static_cast<int>(blockIdx.x) * kGatherWarps + static_cast<int>(threadIdx.x >> 5); m < n; m += warps) {
-    const ChunkMiss miss = p.misses[m];
+    ChunkMiss miss;
+    {
+      const int4 e = __ldcg(reinterpret_cast<const int4*>(p.misses) + m);
+      miss = ChunkMiss{e.x, e.y, e.z, e.w};
+    }
     bool valid = miss.seq >= 0 && miss.seq < p.num_sequences && miss.kv_head >= 0 &&
                  miss.kv_head < p.num_kv_heads && miss.chunk >= 0 && miss.slot >= 0;
     GatherValuesSequence<D> seq{};
@@ -133,6 +144,7 @@ __global__ void __launch_bounds__(kGatherWarps * 32)
       for (long long i = lane; i < chunk_elems; i += 32) dst[i] = src[i];
     }
   }
+  if constexpr (kBesideRebuild) wait_for_previous_grids();  // the rebuild, before this grid ends
 }
 
 }  // namespace kernels

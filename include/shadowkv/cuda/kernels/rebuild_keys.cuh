@@ -351,6 +351,10 @@ __global__ void __launch_bounds__(RebuildTile<D, HD>::kThreads, RebuildTile<D, H
   AElem* s_a = reinterpret_cast<AElem*>(s_stage_bytes);
   float* s_out = reinterpret_cast<float*>(s_stage_bytes);
 
+  // Launched with a programmatic dependency by `rebuild_keys_beside_gather`: wait for the miss
+  // list's writers, then let the value gather that follows start beside this grid.
+  wait_for_previous_grids();
+  allow_next_grid();
   const int tid = static_cast<int>(threadIdx.x);
   const int n = miss_list_count(p.num_misses, p.maybe_num_misses, p.maybe_num_invalid);
   const long long cta_begin = static_cast<long long>(blockIdx.x) * misses_per_block;

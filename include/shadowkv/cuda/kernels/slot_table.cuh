@@ -223,8 +223,10 @@ __global__ void __launch_bounds__(NT) update_slot_tables_kernel(const SlotTableP
   const std::int32_t* sel_row = p.selected + row * k;
   std::int32_t* out = p.slots + row * k;
   // Launched with a programmatic dependency where the device allows (cuda/launch.cuh): the
-  // selection comes from the kernel before.
+  // selection comes from the kernel before. The miss path after it may take SMs as this grid's
+  // CTAs retire (one wave: a CTA per (sequence, head)).
   wait_for_previous_grids();
+  allow_next_grid();
   if (p.records) write_selection_record(p.records[b], sel_row, k, h, tid, NT, static_cast<std::int32_t*>(nullptr));
   if (p.next_num_misses && h == 0 && b == 0 && tid == 0) *p.next_num_misses = 0;
 
