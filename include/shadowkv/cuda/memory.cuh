@@ -27,15 +27,14 @@ class DeviceAllocator {
 };
 
 namespace detail {
-/// `ptr` when `status` is a success; else clears the error and throws `shadowkv::Error` naming
-/// the size and `where` the allocation came from.
-inline void* checked_allocation(cudaError_t status, void* ptr, std::size_t bytes, const char* where) {
+/// Clears the error and throws `shadowkv::Error` naming the size and `where` the allocation came
+/// from when `status` (an allocation's result) is not a success.
+inline void check_allocation(cudaError_t status, std::size_t bytes, const char* where) {
   if (status != cudaSuccess) {
     (void)cudaGetLastError();
     SHADOWKV_FAIL("device allocation of ", bytes, " bytes", where, " failed: ", cudaGetErrorName(status), ": ",
                   cudaGetErrorString(status));
   }
-  return ptr;
 }
 }  // namespace detail
 
@@ -45,7 +44,9 @@ class AsyncAllocator final : public DeviceAllocator {
   void* allocate(std::size_t bytes, cudaStream_t stream) override {
     void* ptr = nullptr;
     if (bytes == 0) return nullptr;
-    return detail::checked_allocation(cudaMallocAsync(&ptr, bytes, stream), ptr, bytes, "");
+    // The status first, then `ptr`: as one call's arguments their order would be unspecified.
+    detail::check_allocation(cudaMallocAsync(&ptr, bytes, stream), bytes, "");
+    return ptr;
   }
   void deallocate(void* ptr, std::size_t, cudaStream_t stream) noexcept override {
     if (ptr) (void)cudaFreeAsync(ptr, stream);
@@ -90,8 +91,8 @@ class PoolAllocator final : public DeviceAllocator {
   void* allocate(std::size_t bytes, cudaStream_t stream) override {
     void* ptr = nullptr;
     if (bytes == 0) return nullptr;
-    return detail::checked_allocation(cudaMallocFromPoolAsync(&ptr, bytes, pool_, stream), ptr, bytes,
-                                      " from a PoolAllocator");
+    detail::check_allocation(cudaMallocFromPoolAsync(&ptr, bytes, pool_, stream), bytes, " from a PoolAllocator");
+    return ptr;
   }
   void deallocate(void* ptr, std::size_t, cudaStream_t stream) noexcept override {
     if (ptr) (void)cudaFreeAsync(ptr, stream);

@@ -108,6 +108,9 @@ class StagingRing {
     Slot& s = slots_[next_];
     SHADOWKV_CUDA_CHECK(cudaEventSynchronize(s.done));  // its last reader has finished
     if (s.host.size() < blob.size()) {
+      // A new device buffer is stream-ordered on `stream` (its memory may have been freed there
+      // by work still running): copy there this time.
+      copy_stream = nullptr;
       // Both buffers first, then the swap: the slot's two sizes must stay equal.
       const std::size_t n = std::max<std::size_t>(blob.size(), 2 * s.host.size());
       PinnedBuffer<std::byte> host(n, host_allocator);
@@ -117,7 +120,8 @@ class StagingRing {
     }
     if (blob.size() == 0) return s.device.data();
     std::memcpy(s.host.data(), blob.data(), blob.size());
-    // The slot's last reader has finished (above), so the copy needs no order after `stream`.
+    // The slot's last reader has finished (above), and its buffer was allocated before that
+    // reader in stream order, so the copy needs no order after `stream`.
     SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(s.device.data(), s.host.data(), blob.size(), cudaMemcpyHostToDevice,
                                         copy_stream ? copy_stream : stream));
     if (copy_stream) {

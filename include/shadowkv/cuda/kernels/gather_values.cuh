@@ -95,6 +95,8 @@ template <class D, bool kBesideRebuild = false>
 __global__ void __launch_bounds__(kGatherWarps * 32)
     gather_values_kernel(const GatherValuesParams<D> p) {
   if constexpr (!kBesideRebuild) wait_for_previous_grids();
+  // The kernel after may take SMs as this grid's CTAs retire (one wave); it waits for this grid.
+  allow_next_grid();
   const int n = miss_list_count(p.num_misses, p.maybe_num_misses, p.maybe_num_invalid);
   const int lane = static_cast<int>(threadIdx.x) & 31;
   const int warps = static_cast<int>(gridDim.x) * kGatherWarps;
