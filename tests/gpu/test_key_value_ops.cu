@@ -39,6 +39,22 @@ using skv_gpu_test::DeviceBuffer;
 template <class T>
 using kernel_t = skc::device_t<T>;
 
+/// Sleeps ~`ns` nanoseconds, then stores `value`: a writer that finishes late.
+__global__ void store_after_delay(int* dst, int value, unsigned ns) {
+  for (unsigned slept = 0; slept < ns; slept += 1000) __nanosleep(1000);
+  *dst = value;
+}
+
+/// Launched with a programmatic dependency (`skc::launch_kernel`): waits for the grid before it,
+/// then copies `n` elements.
+template <class T>
+__global__ void copy_after_wait(const T* src, T* dst, std::size_t n) {
+  skc::kernels::wait_for_previous_grids();
+  for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
+    dst[i] = src[i];
+}
+
 /// Bytes of the sentinel every slot starts with (finite in each dtype: 0x3C3C is ~0.0115 in
 /// bf16 and ~1.06 in fp16, 0x3C3C3C3C ~0.0115 in fp32).
 constexpr unsigned char kSentinelByte = 0x3C;
@@ -770,27 +786,35 @@ TEST_CASE("miss ops: a device miss count and out-of-range misses (skipped, count
   CHECK(download_int(*d_value_invalid) == 6 + 2);
   check_slots(12);
 
-  // Side by side on one stream (sm_90 and newer), into fresh slots, with what follows on the
-  // stream (copies of the slots) seeing both halves done.
+  // Side by side on one stream (sm_90 and newer), into fresh slots: the miss count is written
+  // by a kernel that finishes late, right before, and what follows is a kernel launched with a
+  // programmatic dependency too (copies of the slots), as the decode step's attention is: it
+  // must see both halves done.
   for (std::size_t s = 0; s < batch.size(); ++s) {
     value_slots[s]->upload(initial_slots<T>(s, h, capacities[s], chunk_elems, valid_misses));
     batch[s].slots->upload(batch[s].initial_slots);
   }
-  d_count->upload(std::vector<int>{10});
+  d_count->upload(std::vector<int>{0});
   d_key_invalid->upload(std::vector<int>{0});
   d_value_invalid->upload(std::vector<int>{0});
+  store_after_delay<<<1, 1, 0, stream.get()>>>(d_count->get(), 10, 200000);
+  SHADOWKV_CUDA_CHECK_LAUNCH();
   if (!skc::rebuild_keys_beside_gather(kp, vp, stream.get())) {
     MESSAGE("no programmatic dependent launch on this device: rebuild_keys_beside_gather declined, as documented");
+    stream.sync();
     return;
   }
   std::vector<std::unique_ptr<DeviceBuffer<T>>> key_copies, value_copies;
   for (std::size_t s = 0; s < batch.size(); ++s) {
     key_copies.push_back(std::make_unique<DeviceBuffer<T>>(batch[s].slots->size()));
     value_copies.push_back(std::make_unique<DeviceBuffer<T>>(value_slots[s]->size()));
-    SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(key_copies[s]->get(), batch[s].slots->get(), batch[s].slots->size() * sizeof(T),
-                                        cudaMemcpyDeviceToDevice, stream.get()));
-    SHADOWKV_CUDA_CHECK(cudaMemcpyAsync(value_copies[s]->get(), value_slots[s]->get(),
-                                        value_slots[s]->size() * sizeof(T), cudaMemcpyDeviceToDevice, stream.get()));
+    // The key copy right after the gather (one wait on it), the value copy after that.
+    skc::launch_kernel<copy_after_wait<D>>(dim3(64), dim3(256), 0, stream.get(), 1u,
+                                           skc::as_device<T>(batch[s].slots->get()),
+                                           skc::as_device<T>(key_copies[s]->get()), batch[s].slots->size());
+    skc::launch_kernel<copy_after_wait<D>>(dim3(64), dim3(256), 0, stream.get(), 1u,
+                                           skc::as_device<T>(value_slots[s]->get()),
+                                           skc::as_device<T>(value_copies[s]->get()), value_slots[s]->size());
   }
   stream.sync();
   CHECK(download_int(*d_key_invalid) == 6);

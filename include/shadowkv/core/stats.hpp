@@ -43,7 +43,8 @@ struct StepStats {
   std::int64_t pcie_bytes = 0;
   PoolStats pool;  ///< chunk hits and misses (ShadowKV only)
   /// CUDA backend: slot-table rows and miss-list entries a decode step found inconsistent and
-  /// skipped (such a (sequence, KV head) attends without its selected chunks). Always 0 unless
+  /// skipped (such a (sequence, KV head) attends without its selected chunks); a miss entry
+  /// counts once in the key rebuild and once in the value fetch that skip it. Always 0 unless
   /// device memory was overwritten; the CPU backend throws instead.
   std::int64_t skipped = 0;
   StepStats& operator+=(const StepStats& o) {

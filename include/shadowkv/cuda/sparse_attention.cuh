@@ -107,6 +107,9 @@ class StagingRing {
                     HostAllocator& host_allocator, cudaStream_t copy_stream = nullptr) {
     Slot& s = slots_[next_];
     SHADOWKV_CUDA_CHECK(cudaEventSynchronize(s.done));  // its last reader has finished
+    // A slot uploaded but never released (the step threw after its upload) may still be read by
+    // that step's launches on `stream`: copy behind them.
+    if (uploaded_) copy_stream = nullptr;
     if (s.host.size() < blob.size()) {
       // A new device buffer is stream-ordered on `stream` (its memory may have been freed there
       // by work still running): copy there this time.
@@ -118,6 +121,7 @@ class StagingRing {
       s.host = std::move(host);
       s.device = std::move(device);
     }
+    uploaded_ = true;
     if (blob.size() == 0) return s.device.data();
     std::memcpy(s.host.data(), blob.data(), blob.size());
     // The slot's last reader has finished (above), and its buffer was allocated before that
@@ -132,6 +136,7 @@ class StagingRing {
   }
   void release(cudaStream_t stream) {
     SHADOWKV_CUDA_CHECK(cudaEventRecord(slots_[next_].done, stream));
+    uploaded_ = false;
     next_ = (next_ + 1) % kSlots;
   }
 
@@ -144,6 +149,7 @@ class StagingRing {
   std::array<Slot, kSlots> slots_{};
   cudaEvent_t copied_ = nullptr;  // the last upload on a copy stream
   int next_ = 0;
+  bool uploaded_ = false;  // slot next_ uploaded and not released
 };
 
 /// A device scratch buffer that only grows (stream-ordered).
@@ -1105,18 +1111,21 @@ class SparseAttention<Policy, CudaBackend, T> {
           SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(stream, join_, 0));
         }
         // The attention kernel copies the running totals (final once the gather and the rebuild,
-        // which add to `skipped`, are done) to this step's snapshot in mapped host memory.
-        snapshot_ = 1 - snapshot_;
+        // which add to `skipped`, are done) to the other snapshot in mapped host memory, which
+        // becomes the latest once that launch is queued (below).
         counter_copy.src = counters;
-        counter_copy.dst = counters_host_.device_data() + kCounters * snapshot_;
+        counter_copy.dst = counters_host_.device_data() + kCounters * (1 - snapshot_);
         counter_copy.words = kCounters;
-        last_step_has_pool_ = true;
       }
     }
 
     cuda::decode_attention<D>(q, reinterpret_cast<const cuda::KVSegments<D>*>(dev_ptr(seg_off)),
                               cuda::as_device(out.data), nb, hq, hkv, d, config_.scale(), max_rows, plan, attn_ws,
                               plan.workspace_bytes, stream, counter_copy);
+    if (counter_copy.words > 0) {
+      snapshot_ = 1 - snapshot_;
+      last_step_has_pool_ = true;
+    }
     ring_.release(stream);
     SHADOWKV_CUDA_CHECK(cudaEventRecord(step_done_, stream));
     last_step_fixed_ = step;

@@ -83,7 +83,12 @@ __device__ __forceinline__ int miss_list_count(int num_misses, const int* maybe_
 /// `kBesideRebuild`: launched with a programmatic dependency right after `rebuild_keys_kernel`
 /// of the same list (`rebuild_keys_beside_gather`), which lets it start once the rebuild has
 /// waited for the kernels before it, the miss list's writers; this kernel waits for the rebuild
-/// only at its end, so that whatever follows on the stream sees both done.
+/// only at its end, so that whatever follows on the stream sees both done. What it reads
+/// without a wait of its own: the miss list and its count, written by a grid that completed
+/// before the rebuild's wait returned (hence before this grid started), read with `__ldcg` from
+/// L2, the GPU's point of coherence (CUDA promises no memory order for a trigger itself); the
+/// descriptors, which no kernel writes; host values. Anything a kernel may write that this
+/// kernel reads must go through `__ldcg` too.
 ///
 /// Performance: the floor is PCIe, `num_misses * c * d * sizeof(D)` bytes read from host
 /// memory at the zero-copy gather rate (GPU.md: ≈ 51 GB/s for 1–4 KiB chunks, ≈ 36 GB/s at
