@@ -3,8 +3,8 @@
 /// \brief Host launchers of a decode step's miss path on the GPU, for a ragged batch: rebuild
 /// the keys of the missed chunks from the low-rank store with RoPE fused
 /// (kernels/rebuild_keys.cuh), and gather their values from mapped pinned host memory
-/// (kernels/gather_values.cuh). Both read one flat `ChunkMiss` list; run them on two streams
-/// so that the rebuild hides under the PCIe-bound value fetch.
+/// (kernels/gather_values.cuh). Both read one flat `ChunkMiss` list; `rebuild_keys_beside_gather`
+/// runs them side by side in one launch, so that the rebuild hides under the PCIe-bound fetch.
 ///
 /// Every launcher validates its arguments before any CUDA call (a bad argument throws
 /// `shadowkv::Error` naming it, and nothing is launched), checks every CUDA call and launch,
@@ -44,7 +44,7 @@ inline constexpr std::size_t kRebuildResidentBasisBytes = 100 * 1024;
 /// Tokens per chunk the miss kernels accept (row counts stay in 32-bit ints).
 inline constexpr int kMaxMissChunkSize = 1 << 16;
 /// Rebuild CTAs per SM (one wave, each looping over its share): two keep the tensor cores and
-/// the loads busy and leave registers for `gather_values_kernel` blocks on the same SM.
+/// the loads busy and leave room for a gather CTA on the same SM (`rebuild_keys_beside_gather`).
 inline constexpr int kRebuildCtasPerSm = 2;
 /// Gather CTAs per SM: 8 warps each, 2 KiB in flight per warp, i.e. ≈ 4 MB over the GPU,
 /// far above the ≈ 100-200 KB that PCIe needs in flight, in few registers.
@@ -112,10 +112,28 @@ void check_gather_values_params(const GatherValuesParams<D>& p) {
 
 namespace detail {
 
-/// `rebuild_keys`'s launch, with a programmatic dependency on the kernel before when
-/// `programmatic` (the caller checked the parameters and the device).
+/// `gather_values`'s launch (the caller checked the parameters).
 template <class D>
-void launch_rebuild_keys(const RebuildKeysParams<D>& p, cudaStream_t stream, bool programmatic) {
+void launch_gather_values(const GatherValuesParams<D>& p, cudaStream_t stream) {
+  if (p.num_misses == 0) return;
+  constexpr int kWarps = kernels::kGatherWarps;
+  int device = 0;
+  int sms = 0;
+  SHADOWKV_CUDA_CHECK(cudaGetDevice(&device));
+  SHADOWKV_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const long long wanted = (static_cast<long long>(p.num_misses) + kWarps - 1) / kWarps;
+  const unsigned grid =
+      static_cast<unsigned>(std::min<long long>(wanted, static_cast<long long>(sms) * detail::kGatherCtasPerSm));
+  kernels::gather_values_kernel<D><<<grid, kWarps * 32, 0, stream>>>(p);
+  SHADOWKV_CUDA_CHECK_LAUNCH();
+}
+
+/// `rebuild_keys`'s launch (the caller checked the parameters), with a programmatic dependency on
+/// the kernel before. With `gather`, the value gather of the same misses joins the launch as
+/// extra CTAs, one per SM beside the rebuild's, so that both halves run side by side; where a
+/// rebuild CTA cannot share an SM with another CTA, the gather is launched after it instead.
+template <class D>
+void launch_rebuild_keys(const RebuildKeysParams<D>& p, const GatherValuesParams<D>* gather, cudaStream_t stream) {
   if (p.num_misses == 0) return;
   SHADOWKV_DISPATCH_HEAD_DIM(p.head_dim, HD, [&] {
     using Tile = kernels::RebuildTile<D, HD>;
@@ -136,43 +154,28 @@ void launch_rebuild_keys(const RebuildKeysParams<D>& p, cudaStream_t stream, boo
     SHADOWKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Tile::kThreads, smem));
     SHADOWKV_CHECK(per_sm > 0, "rebuild_keys: a CTA of ", Tile::kThreads, " threads with ", smem,
                    " bytes of shared memory does not fit on this device (head_dim=", HD, ", rank=", p.rank, ")");
-    // At most kRebuildCtasPerSm CTAs per SM, so that the value gather on the other stream keeps
-    // room to run beside; each CTA takes an equal share of the misses, whole row tiles of them.
+    // One wave: with the gather joined, one of the SM's CTAs gathers and the others (at most
+    // kRebuildCtasPerSm) rebuild; alone, at most kRebuildCtasPerSm rebuild. Each rebuild CTA
+    // takes an equal share of the misses, whole row tiles of them.
+    const bool joined = gather != nullptr && per_sm >= 2;
+    const int rebuild_per_sm = std::min(joined ? per_sm - 1 : per_sm, detail::kRebuildCtasPerSm);
     const int misses_per_tile = std::max(1, kernels::kRebuildTileRows / p.chunk_size);
-    const long long ctas = static_cast<long long>(sms) * std::min(per_sm, detail::kRebuildCtasPerSm);
+    const long long ctas = static_cast<long long>(sms) * rebuild_per_sm;
     long long per_cta = (p.num_misses + ctas - 1) / ctas;
     per_cta = std::max<long long>(misses_per_tile, (per_cta + misses_per_tile - 1) / misses_per_tile * misses_per_tile);
     const int misses_per_block = static_cast<int>(std::min<long long>(per_cta, p.num_misses));
-    const unsigned grid = static_cast<unsigned>((p.num_misses + misses_per_block - 1) / misses_per_block);
-    if (programmatic) {
-      launch_kernel<kernels::rebuild_keys_kernel<D, HD>>(dim3(grid), dim3(Tile::kThreads), smem, stream, 1u, p,
-                                                         misses_per_block, basis_rows);
-    } else {
-      kernel<<<grid, Tile::kThreads, smem, stream>>>(p, misses_per_block, basis_rows);
-      SHADOWKV_CUDA_CHECK_LAUNCH();
+    const int rebuild_grid = static_cast<int>((p.num_misses + misses_per_block - 1) / misses_per_block);
+    int gather_grid = 0;
+    if (joined && gather->num_misses > 0) {
+      constexpr int kWarps = Tile::kThreads / 32;
+      gather_grid = static_cast<int>(
+          std::min<long long>((static_cast<long long>(gather->num_misses) + kWarps - 1) / kWarps, sms));
     }
+    launch_kernel<kernels::rebuild_keys_kernel<D, HD>>(
+        dim3(static_cast<unsigned>(rebuild_grid + gather_grid)), dim3(Tile::kThreads), smem, stream, 1u, p,
+        misses_per_block, basis_rows, joined ? *gather : GatherValuesParams<D>{}, rebuild_grid);
+    if (gather && !joined) launch_gather_values(*gather, stream);
   });
-}
-
-/// `gather_values`'s launch (`kBesideRebuild`: right after `launch_rebuild_keys`, see
-/// `gather_values_kernel`).
-template <class D, bool kBesideRebuild>
-void launch_gather_values(const GatherValuesParams<D>& p, cudaStream_t stream) {
-  if (p.num_misses == 0) return;
-  constexpr int kWarps = kernels::kGatherWarps;
-  int device = 0;
-  int sms = 0;
-  SHADOWKV_CUDA_CHECK(cudaGetDevice(&device));
-  SHADOWKV_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  const long long wanted = (static_cast<long long>(p.num_misses) + kWarps - 1) / kWarps;
-  const unsigned grid =
-      static_cast<unsigned>(std::min<long long>(wanted, static_cast<long long>(sms) * detail::kGatherCtasPerSm));
-  if constexpr (kBesideRebuild) {
-    launch_kernel<kernels::gather_values_kernel<D, true>>(dim3(grid), dim3(kWarps * 32), 0, stream, 1u, p);
-  } else {
-    kernels::gather_values_kernel<D><<<grid, kWarps * 32, 0, stream>>>(p);
-    SHADOWKV_CUDA_CHECK_LAUNCH();
-  }
 }
 
 }  // namespace detail
@@ -187,7 +190,7 @@ void launch_gather_values(const GatherValuesParams<D>& p, cudaStream_t stream) {
 template <class D>
 void rebuild_keys(const RebuildKeysParams<D>& p, cudaStream_t stream) {
   check_rebuild_keys_params(p);
-  detail::launch_rebuild_keys(p, stream, false);
+  detail::launch_rebuild_keys<D>(p, nullptr, stream);
 }
 
 /// Copies the values of every miss of `p.misses` from the host chunk to its value slot:
@@ -197,25 +200,22 @@ void rebuild_keys(const RebuildKeysParams<D>& p, cudaStream_t stream) {
 template <class D>
 void gather_values(const GatherValuesParams<D>& p, cudaStream_t stream) {
   check_gather_values_params(p);
-  detail::launch_gather_values<D, false>(p, stream);
+  detail::launch_gather_values(p, stream);
 }
 
 /// `rebuild_keys(rp, stream)` and `gather_values(gp, stream)` over the same miss list, side by
-/// side on one stream: the rebuild waits for the kernels before it and then lets the gather
-/// start (programmatic dependent launch), and the gather waits for the rebuild at its end, so
-/// that what follows on `stream` sees both done. This needs sm_90 or newer: elsewhere it
-/// launches nothing and returns false, and the caller runs the two on two streams.
+/// side in one launch on `stream`: one CTA per SM copies values while the others rebuild keys
+/// (where a rebuild CTA cannot share an SM, the gather follows the rebuild instead). What
+/// follows on `stream` sees both done.
 template <class D>
-bool rebuild_keys_beside_gather(const RebuildKeysParams<D>& rp, const GatherValuesParams<D>& gp,
+void rebuild_keys_beside_gather(const RebuildKeysParams<D>& rp, const GatherValuesParams<D>& gp,
                                 cudaStream_t stream) {
   check_rebuild_keys_params(rp);
   check_gather_values_params(gp);
-  SHADOWKV_CHECK(rp.misses == gp.misses && rp.num_misses == gp.num_misses &&
-                     rp.maybe_num_misses == gp.maybe_num_misses && rp.num_sequences == gp.num_sequences,
-                 "rebuild_keys_beside_gather: the rebuild and the gather must read the same miss list");
-  if (!programmatic_launch_supported<kernels::gather_values_kernel<D, true>>()) return false;
-  detail::launch_rebuild_keys(rp, stream, true);
-  detail::launch_gather_values<D, true>(gp, stream);
-  return true;
+  if (rp.num_misses == 0) {
+    detail::launch_gather_values(gp, stream);
+    return;
+  }
+  detail::launch_rebuild_keys(rp, &gp, stream);
 }
 }  // namespace shadowkv::cuda

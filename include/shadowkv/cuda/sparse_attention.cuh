@@ -8,8 +8,8 @@
 ///
 ///   RoPE (queries to float, the new key and value appended) → landmark scores (ShadowKV) or
 ///   exact chunk scores (oracle) → top-k → slot-table update (hits stay, misses listed) →
-///   key rebuild with RoPE ∥ value gather of the misses from pinned memory (side by side on the
-///   caller's stream through programmatic dependent launch; on a side stream before sm_90) →
+///   key rebuild with RoPE ∥ value gather of the misses from pinned memory (one launch, CTAs
+///   in both roles side by side) →
 ///   split-K attention over static ∪ selected ∪ generated rows, which also copies the step's
 ///   counters to mapped host memory.
 
@@ -224,9 +224,8 @@ using SelectionHook = std::function<void(const SelectionHookArgs&, cudaStream_t)
 ///   call takes a `cudaStream_t`. Calls on one object must be ordered: use one stream, or order
 ///   the streams with events (per-step scratch is shared, and buffers are freed stream-ordered on
 ///   the stream that allocated them, which must outlive them).
-/// - `decode` never waits for the GPU: it enqueues its launches (the descriptor upload on an
-///   internal side stream that yours waits for, and before sm_90 the value gather there too,
-///   forked from and joined back to yours). The host blocks only when it runs 16
+/// - `decode` never waits for the GPU: it enqueues its launches (and the descriptor upload on an
+///   internal side stream that yours waits for). The host blocks only when it runs 16
 ///   launch sequences ahead of the GPU (descriptor staging ring). `finish_prefill` waits for the
 ///   eigensolver's status (ShadowKV).
 /// - `last_step()`, `totals()` and `last_selection()` read results back: they wait for the work
@@ -1100,16 +1099,8 @@ class SparseAttention<Policy, CudaBackend, T> {
         rp.rank = config_.rank;
         rp.chunk_size = c;
         rp.rope = cuda::make_rebuild_rope(rope_, rope_device_.data());
-        // The values over PCIe while the keys are rebuilt: side by side on this stream where the
-        // device has programmatic dependent launch, else on the side stream (fork and join).
-        if (!cuda::rebuild_keys_beside_gather(rp, gp, stream)) {
-          SHADOWKV_CUDA_CHECK(cudaEventRecord(fork_, stream));
-          SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(side_stream_, fork_, 0));
-          cuda::gather_values(gp, side_stream_);
-          SHADOWKV_CUDA_CHECK(cudaEventRecord(join_, side_stream_));
-          cuda::rebuild_keys(rp, stream);
-          SHADOWKV_CUDA_CHECK(cudaStreamWaitEvent(stream, join_, 0));
-        }
+        // The values over PCIe while the keys are rebuilt, in one launch.
+        cuda::rebuild_keys_beside_gather(rp, gp, stream);
         // The attention kernel copies the running totals (final once the gather and the rebuild,
         // which add to `skipped`, are done) to the other snapshot in mapped host memory, which
         // becomes the latest once that launch is queued (below).

@@ -10,7 +10,6 @@
 #include <cstdint>
 
 #include "../types.cuh"
-#include "grid_dependency.cuh"
 
 namespace shadowkv::cuda {
 
@@ -64,48 +63,23 @@ inline constexpr int kGatherWarps = 8;
 inline constexpr int kGatherUnroll = 4;
 
 /// The number of misses a launch processes: `num_misses`, or the device count clamped to
-/// [0, num_misses] (the excess is counted once, by thread 0 of CTA 0).
+/// [0, num_misses]; the excess is added to `maybe_num_invalid` by the one thread that passes
+/// `count_excess`.
 __device__ __forceinline__ int miss_list_count(int num_misses, const int* maybe_num_misses,
-                                          int* maybe_num_invalid) {
+                                               int* maybe_num_invalid, bool count_excess) {
   if (!maybe_num_misses) return num_misses;
   const int n = __ldcg(maybe_num_misses);  // past L1: written by an earlier kernel
-  if (n > num_misses && maybe_num_invalid && blockIdx.x == 0 && threadIdx.x == 0)
-    atomicAdd(maybe_num_invalid, n - num_misses);
+  if (n > num_misses && maybe_num_invalid && count_excess) atomicAdd(maybe_num_invalid, n - num_misses);
   return n < 0 ? 0 : (n > num_misses ? num_misses : n);
 }
 
-/// Grid of at most `ceil(num_misses / kGatherWarps)` CTAs of `kGatherWarps` warps; warp `w` of
-/// the grid copies misses `w, w + warps, ...`: the `c * d` elements of host chunk `chunk` of
-/// `kv_head` to slot `slot`, as 16-byte vectors (`kGatherUnroll` loads in flight per lane, a 2 KiB chunk
-/// in one round) when the chunk's size and both addresses allow, element by element
-/// otherwise. Bits are copied unchanged.
-///
-/// `kBesideRebuild`: launched with a programmatic dependency right after `rebuild_keys_kernel`
-/// of the same list (`rebuild_keys_beside_gather`), which lets it start once the rebuild has
-/// waited for the kernels before it, the miss list's writers; this kernel waits for the rebuild
-/// only at its end, so that whatever follows on the stream sees both done. What it reads
-/// without a wait of its own: the miss list and its count, written by a grid that completed
-/// before the rebuild's wait returned (hence before this grid started), read with `__ldcg` from
-/// L2, the GPU's point of coherence (CUDA promises no memory order for a trigger itself); the
-/// descriptors, which no kernel writes; host values. Anything a kernel may write that this
-/// kernel reads must go through `__ldcg` too.
-///
-/// Performance: the floor is PCIe, `num_misses * c * d * sizeof(D)` bytes read from host
-/// memory at the zero-copy gather rate (GPU.md: ≈ 51 GB/s for 1–4 KiB chunks, ≈ 36 GB/s at
-/// 512 B), e.g. 6400 misses of 2 KiB (c = 8, d = 128, bf16) = 13.1 MB ≈ 257 µs; the same bytes
-/// written to HBM and the 16-byte miss entries are noise at 4 TB/s. Warps stay resident while
-/// their loads cross PCIe, so a few CTAs per SM keep far more than the ≈ 100–200 KB that the
-/// link needs in flight, and leave the SMs to the key rebuild running beside.
-template <class D, bool kBesideRebuild = false>
-__global__ void __launch_bounds__(kGatherWarps * 32)
-    gather_values_kernel(const GatherValuesParams<D> p) {
-  if constexpr (!kBesideRebuild) wait_for_previous_grids();
-  // The kernel after may take SMs as this grid's CTAs retire (one wave); it waits for this grid.
-  allow_next_grid();
-  const int n = miss_list_count(p.num_misses, p.maybe_num_misses, p.maybe_num_invalid);
-  const int lane = static_cast<int>(threadIdx.x) & 31;
-  const int warps = static_cast<int>(gridDim.x) * kGatherWarps;
-  for (int m = static_cast<int>(blockIdx.x) * kGatherWarps + static_cast<int>(threadIdx.x >> 5); m < n; m += warps) {
+/// The copies of `gather_values_kernel`, by warp `warp` of `warps` (a grid, or the gather CTAs
+/// of `rebuild_keys_kernel`'s combined launch): misses `warp, warp + warps, ...` of the first
+/// `n`. `lane` is the thread's lane.
+template <class D>
+__device__ __forceinline__ void gather_values_warp(const GatherValuesParams<D>& p, int n, int warp, int warps,
+                                                   int lane) {
+  for (int m = warp; m < n; m += warps) {
     ChunkMiss miss;
     {
       const int4 e = __ldcg(reinterpret_cast<const int4*>(p.misses) + m);
@@ -151,7 +125,27 @@ __global__ void __launch_bounds__(kGatherWarps * 32)
       for (long long i = lane; i < chunk_elems; i += 32) dst[i] = src[i];
     }
   }
-  if constexpr (kBesideRebuild) wait_for_previous_grids();  // the rebuild, before this grid ends
+}
+
+/// Grid of at most `ceil(num_misses / kGatherWarps)` CTAs of `kGatherWarps` warps; warp `w` of
+/// the grid copies misses `w, w + warps, ...`: the `c * d` elements of host chunk `chunk` of
+/// `kv_head` to slot `slot`, as 16-byte vectors (`kGatherUnroll` loads in flight per lane, a 2 KiB chunk
+/// in one round) when the chunk's size and both addresses allow, element by element
+/// otherwise. Bits are copied unchanged.
+///
+/// Performance: the floor is PCIe, `num_misses * c * d * sizeof(D)` bytes read from host
+/// memory at the zero-copy gather rate (GPU.md: ≈ 51 GB/s for 1–4 KiB chunks, ≈ 36 GB/s at
+/// 512 B), e.g. 6400 misses of 2 KiB (c = 8, d = 128, bf16) = 13.1 MB ≈ 257 µs; the same bytes
+/// written to HBM and the 16-byte miss entries are noise at 4 TB/s. Warps stay resident while
+/// their loads cross PCIe, so a few CTAs per SM keep far more than the ≈ 100–200 KB that the
+/// link needs in flight, and leave the SMs to the key rebuild running beside.
+template <class D>
+__global__ void __launch_bounds__(kGatherWarps * 32)
+    gather_values_kernel(const GatherValuesParams<D> p) {
+  const int n = miss_list_count(p.num_misses, p.maybe_num_misses, p.maybe_num_invalid,
+                                blockIdx.x == 0 && threadIdx.x == 0);
+  gather_values_warp(p, n, static_cast<int>(blockIdx.x) * kGatherWarps + static_cast<int>(threadIdx.x >> 5),
+                     static_cast<int>(gridDim.x) * kGatherWarps, static_cast<int>(threadIdx.x) & 31);
 }
 
 }  // namespace kernels

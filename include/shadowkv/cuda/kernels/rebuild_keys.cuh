@@ -14,6 +14,7 @@
 #include "../../device/rope.hpp"
 #include "../types.cuh"
 #include "gather_values.cuh"
+#include "grid_dependency.cuh"
 
 namespace shadowkv::cuda {
 
@@ -326,10 +327,17 @@ __device__ __forceinline__ void rebuild_load_basis(D* dst, const D* src, int row
 /// 67 TFLOP/s FP32 peak. What matters is that it hides under `gather_values_kernel` on the
 /// other stream, whose PCIe floor for the same misses (2 KiB each at ≈ 51 GB/s: ≈ 257 µs here)
 /// is far longer: hence at most two CTAs per SM and, for 16-bit storage, 80 registers, which
-/// leave each SM room for two gather CTAs.
+/// leave each SM room for a gather CTA.
+///
+/// Combined launch (`rebuild_keys_beside_gather`): CTAs `rebuild_ctas` and up copy the values
+/// of the same misses instead (`gather_values_warp` over their warps, as `gather_values_kernel`
+/// does), so that both halves of the miss path run side by side in one launch; a standalone
+/// rebuild passes `rebuild_ctas = gridDim.x`. Either way the grid first waits for the kernel
+/// before it (programmatic dependent launch, a no-op when launched the ordinary way).
 template <class D, int HD>
 __global__ void __launch_bounds__(RebuildTile<D, HD>::kThreads, RebuildTile<D, HD>::kMinBlocksPerSm)
-    rebuild_keys_kernel(const RebuildKeysParams<D> p, int misses_per_block, int basis_rows) {
+    rebuild_keys_kernel(const RebuildKeysParams<D> p, int misses_per_block, int basis_rows,
+                        const GatherValuesParams<D> gather, int rebuild_ctas) {
   using Tile = RebuildTile<D, HD>;
   using AElem = typename Tile::AElem;
   constexpr int kThreads = Tile::kThreads;
@@ -351,12 +359,19 @@ __global__ void __launch_bounds__(RebuildTile<D, HD>::kThreads, RebuildTile<D, H
   AElem* s_a = reinterpret_cast<AElem*>(s_stage_bytes);
   float* s_out = reinterpret_cast<float*>(s_stage_bytes);
 
-  // Launched with a programmatic dependency by `rebuild_keys_beside_gather`: wait for the miss
-  // list's writers, then let the value gather that follows start beside this grid.
-  wait_for_previous_grids();
-  allow_next_grid();
+  wait_for_previous_grids();  // the miss list's writers
+  allow_next_grid();          // the kernel after may take SMs as this grid's CTAs retire (one wave)
   const int tid = static_cast<int>(threadIdx.x);
-  const int n = miss_list_count(p.num_misses, p.maybe_num_misses, p.maybe_num_invalid);
+  if (static_cast<int>(blockIdx.x) >= rebuild_ctas) {  // a gather CTA of the combined launch
+    constexpr int kWarps = kThreads / 32;
+    const int cta = static_cast<int>(blockIdx.x) - rebuild_ctas;
+    const int n_gather = miss_list_count(gather.num_misses, gather.maybe_num_misses, gather.maybe_num_invalid,
+                                         cta == 0 && tid == 0);
+    gather_values_warp(gather, n_gather, cta * kWarps + tid / 32,
+                       (static_cast<int>(gridDim.x) - rebuild_ctas) * kWarps, tid & 31);
+    return;
+  }
+  const int n = miss_list_count(p.num_misses, p.maybe_num_misses, p.maybe_num_invalid, blockIdx.x == 0 && tid == 0);
   const long long cta_begin = static_cast<long long>(blockIdx.x) * misses_per_block;
   if (cta_begin >= n) return;
   const int cta_end = static_cast<int>(min(static_cast<long long>(n), cta_begin + misses_per_block));
