@@ -202,8 +202,8 @@ __device__ __forceinline__ void rebuild_ldmatrix_x2_trans(std::uint32_t (&r)[2],
 template <class D, int HD>
 struct RebuildMmaTile {
   static constexpr int kThreads = 256;
-  /// At most 80 registers: two CTAs (the launcher's kRebuildCtasPerSm) leave room on the SM for
-  /// two `gather_values_kernel` CTAs, so the fetch runs beside the rebuild.
+  /// At most 80 registers: three CTAs per SM, two rebuilding (the launcher's kRebuildCtasPerSm)
+  /// and one gathering values in the combined launch, so the fetch runs beside the rebuild.
   static constexpr int kMinBlocksPerSm = 3;
   static constexpr int kWarpCols = HD / 4;
   static constexpr int kN8 = kWarpCols / 8;  // 2, 3, 4, 8
@@ -300,7 +300,8 @@ __device__ __forceinline__ void rebuild_load_basis(D* dst, const D* src, int row
   }
 }
 
-/// Grid `ceil(num_misses / misses_per_block)` (the launcher: one wave, at most two CTAs per SM),
+/// Grid `ceil(num_misses / misses_per_block)` rebuild CTAs (the launcher: one wave, at most two
+/// per SM), plus the gather CTAs of a combined launch (below),
 /// `RebuildTile<D, HD>::kThreads` threads. CTA `b` takes misses `[b * misses_per_block, ...)`,
 /// `kRebuildMaxMissesPerBlock` at a time: it stages their entries in shared memory (checking
 /// every index) and walks them as runs of one (seq, kv_head). Per run, tiles of
@@ -324,8 +325,8 @@ __device__ __forceinline__ void rebuild_load_basis(D* dst, const D* src, int row
 /// miss (2.1 GFLOP here, 72 FLOP per byte), is small for the bf16/fp16 tensor cores, so the
 /// 16-bit kernel is bound by latency (A loads, barriers, the RoPE sin/cos) rather than by
 /// either floor; on the CUDA cores (fp32 storage) it is compute-bound, 31 µs at the H200's
-/// 67 TFLOP/s FP32 peak. What matters is that it hides under `gather_values_kernel` on the
-/// other stream, whose PCIe floor for the same misses (2 KiB each at ≈ 51 GB/s: ≈ 257 µs here)
+/// 67 TFLOP/s FP32 peak. What matters is that it hides under the value gather beside it,
+/// whose PCIe floor for the same misses (2 KiB each at ≈ 51 GB/s: ≈ 257 µs here)
 /// is far longer: hence at most two CTAs per SM and, for 16-bit storage, 80 registers, which
 /// leave each SM room for a gather CTA.
 ///
