@@ -108,8 +108,9 @@ std::vector<T> reference(const Problem<T>& p, float scale) {
   return out;
 }
 
+/// `splits` 0: the planner's split; else that many splits.
 template <class T>
-std::vector<T> run_gpu(const Problem<T>& p, float scale) {
+std::vector<T> run_gpu(const Problem<T>& p, float scale, int splits = 0) {
   using D = skc::device_t<T>;
   DeviceBuffer<T> k(p.k_arena.size()), v(p.v_arena.size());
   k.upload(p.k_arena);
@@ -151,7 +152,8 @@ std::vector<T> run_gpu(const Problem<T>& p, float scale) {
   q.upload(p.q);
   DeviceBuffer<T> out(static_cast<std::size_t>(p.batch) * p.hq * p.d);
   out.poison();
-  const auto plan = skc::plan_decode_attention(p.batch, p.hq, p.hkv, p.d, p.max_rows);
+  const auto plan = splits > 0 ? skc::plan_decode_attention_with_splits(p.batch, p.hq, p.hkv, p.d, p.max_rows, splits)
+                               : skc::plan_decode_attention(p.batch, p.hq, p.hkv, p.d, p.max_rows);
   DeviceBuffer<unsigned char> ws(plan.workspace_bytes);
   cudaStream_t stream;
   SHADOWKV_CUDA_CHECK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
@@ -162,10 +164,10 @@ std::vector<T> run_gpu(const Problem<T>& p, float scale) {
   return out.download();
 }
 
-/// `chunk_size` 0 draws one from 1..8.
+/// `chunk_size` 0 draws one from 1..8; `splits` 0 takes the planner's split.
 template <class T>
 void check_case(std::uint64_t seed, int batch, int hq, int hkv, int d, int max_static, int max_gen, int max_selected,
-                int chunk_size = 0) {
+                int chunk_size = 0, int splits = 0) {
   CAPTURE(seed);
   CAPTURE(batch);
   CAPTURE(hq);
@@ -176,8 +178,9 @@ void check_case(std::uint64_t seed, int batch, int hq, int hkv, int d, int max_s
   const Problem<T> p = make_problem<T>(rng, batch, hq, hkv, d, max_static, max_gen, max_selected, chunk_size);
   CAPTURE(p.c);
   CAPTURE(p.max_rows);
+  CAPTURE(splits);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
-  const std::vector<T> want = reference(p, scale), got = run_gpu(p, scale);
+  const std::vector<T> want = reference(p, scale), got = run_gpu(p, scale, splits);
   // Per query head: relative norm error against the CPU result, both rounded to T. The 16-bit
   // kernel also rounds the scaled queries and the softmax weights to T (as FlashAttention does):
   // simulated on the CPU for these inputs (N(0, 1) logits), that gives up to ~6e-3 for bf16 and
@@ -266,6 +269,21 @@ TEST_CASE("gpu_decode_attention: long rows need many splits (dense-like)") {
   check_case<bf16>(seed, 1, 8, 2, 256, 50000, 100, 0);
   check_case<fp16>(seed, 2, 24, 2, 96, 20000, 50, 64, 37);  // G = 12, chunks of 37 across splits
   check_case<bf16>(seed, 1, 3, 1, 64, 1000, 100, 700, 48);  // G = 3, mostly long chunks
+}
+
+TEST_CASE("gpu_decode_attention: every split count from 1 to 12 (the 16-bit kernel merges up to 8 in its cluster)") {
+  SKV_REQUIRE_GPU();
+  const auto seed = skv_test::test_seed();
+  // Rows 0..1500 per (sequence, head): with 10-12 splits some splits of short rows are empty.
+  // The tensor-core kernel merges 1 split, and 2..8 in a cluster on sm_90+; more, float, and
+  // devices without clusters go through the combine kernel: the same results either way.
+  for (int splits = 1; splits <= 12; ++splits) {
+    check_case<bf16>(seed + splits, 3, 32, 8, 128, 1200, 40, 20, 8, splits);
+    check_case<fp16>(seed + 100 + splits, 2, 12, 1, 64, 900, 30, 30, 0, splits);
+    check_case<bf16>(seed + 200 + splits, 2, 6, 2, 256, 700, 20, 10, 16, splits);
+    check_case<bf16>(seed + 300 + splits, 2, 9, 3, 96, 1000, 0, 0, 0, splits);
+  }
+  check_case<float>(seed, 3, 32, 8, 128, 1200, 40, 20, 8, 4);
 }
 
 TEST_CASE("gpu_decode_attention: the split planner takes the cheapest plan of its wave cost model") {

@@ -36,6 +36,39 @@ inline constexpr long long kResidentCtas = 264;
 /// The split planner's fixed cost of a wave of CTAs, in rows (see `plan_decode_attention`).
 inline constexpr long long kSplitOverheadRows = 256;
 
+/// How many clusters of `c` CTAs (`blocks` threads, `smem` bytes of dynamic shared memory)
+/// of `Kernel` can be resident at once, for c = 2 .. kernels::kCombinePreload, 8 bits each
+/// from bit 8 (c - 2) (capped at 255); 0 where the device (before sm_90) or the kernel's
+/// build (PTX older than 9.0, JIT-compiled here) has no clusters.
+template <auto Kernel>
+long long resident_clusters(int device, dim3 blocks, std::size_t smem) {
+  int major = 0;
+  SHADOWKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  cudaFuncAttributes attr{};
+  SHADOWKV_CUDA_CHECK(cudaFuncGetAttributes(&attr, Kernel));
+  if (major < 9 || attr.ptxVersion < 90) return 0;
+  long long packed = 0;
+  for (int c = 2; c <= kernels::kCombinePreload; ++c) {
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(static_cast<unsigned>(c));
+    config.blockDim = blocks;
+    config.dynamicSmemBytes = smem;
+    cudaLaunchAttribute cluster{};
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = static_cast<unsigned>(c);
+    cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = 1;
+    int active = 0;
+    if (cudaOccupancyMaxActiveClusters(&active, Kernel, &config) != cudaSuccess) {
+      (void)cudaGetLastError();  // no clusters of this size: leave the count at 0
+      active = 0;
+    }
+    packed |= static_cast<long long>(std::min(active, 255)) << (8 * (c - 2));
+  }
+  return packed;
+}
+
 inline int group_bound(int group) {
   for (int g : {1, 2, 4, 8, 16})
     if (group <= g) return g;
@@ -128,7 +161,13 @@ inline DecodeAttentionPlan plan_decode_attention_with_splits(int batch, int num_
 /// Asynchronous on `stream`; nothing is synchronised. bf16 and fp16 storage run the
 /// tensor-core kernel, which rounds the scaled queries and the softmax weights to `D` before
 /// the MMAs (as FlashAttention does; accumulation stays in float); float storage runs the
-/// CUDA-core kernel, all in float. `copy` (optional, up to 32 words) is copied once the kernels
+/// CUDA-core kernel, all in float. The splits' partials are merged by a second kernel, except
+/// that the tensor-core kernel merges them itself with one split, or with up to 8 where the
+/// device (sm_90+) can keep every cluster of a row's splits resident at once (the workspace
+/// is then not touched). H200, all-hit ShadowKV ops at 128K (`bm_shadowkv_step`, 2026-11-26):
+/// B = 14 (2 splits, merged in clusters of 2) 0.2106 ms against 0.2119 with the combine kernel;
+/// at B = 8 (4 splits) only 62 of the 64 clusters of 4 fit at once, so the combine kernel
+/// runs. `copy` (optional, up to 32 words) is copied once the kernels
 /// before on `stream` are done (see `AttentionWordCopy`).
 template <class D>
 void decode_attention(const float* queries, const KVSegments<D>* segments, D* out, int batch, int num_q_heads,
@@ -173,16 +212,27 @@ void decode_attention(const float* queries, const KVSegments<D>* segments, D* ou
       // bf16 / fp16: the tensor-core kernel (any G <= 16: query heads are MMA rows).
       constexpr auto kernel = kernels::decode_attention_mma_kernel<D, HD, W>;
       constexpr std::size_t smem = kernels::mma_decode_smem_bytes<HD, W>();
-      (void)kernel_setting_per_device<kernel>([](int) {  // once per device, not on every decode call
+      // Once per device, not on every decode call: the attributes, then how many clusters of
+      // c = 2 .. kCombinePreload CTAs can be resident at once (8 bits each from bit 8 (c - 2);
+      // 0 where the device or this build has no clusters).
+      const long long resident = kernel_setting_per_device<kernel>([](int device) {
         SHADOWKV_CUDA_CHECK(
             cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
         // All of the unified L1/shared space as shared memory: two CTAs per SM at d <= 128 need
         // about 210 KB, and the copies bypass L1 (cp.async.cg).
         SHADOWKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                                  cudaSharedmemCarveoutMaxShared));
-        return 0;
+        return detail::resident_clusters<kernel>(device, dim3(detail::kDecodeWarps * 32), smem);
       });
-      launch_kernel<kernel>(grid, dim3(W * 32), smem, stream, 1u, p, group);
+      // The splits merge inside the kernel where a cluster can hold a row's splits and every
+      // cluster of the grid is resident at once (else the combine kernel below does it).
+      const int splits = plan.num_splits;
+      const long long clusters = splits >= 2 && splits <= kernels::kCombinePreload
+                                     ? (resident >> (8 * (splits - 2))) & 0xff
+                                     : 0;
+      p.combine_in_kernel = splits == 1 || clusters * splits >= static_cast<long long>(grid.x) * grid.y;
+      launch_kernel<kernel>(grid, dim3(W * 32), smem, stream, p.combine_in_kernel ? static_cast<unsigned>(splits) : 1u,
+                            p, group);
     } else {
       // float: the CUDA-core kernel, its register arrays sized by G rounded up to a power of 2.
       auto launch = [&]<int GMAX>() {
@@ -204,8 +254,9 @@ void decode_attention(const float* queries, const KVSegments<D>* segments, D* ou
         default: launch.template operator()<16>(); break;
       }
     }
-    launch_kernel<kernels::decode_attention_combine_kernel<D, HD>>(dim3(static_cast<unsigned>(heads)), dim3(HD), 0,
-                                                                  stream, 1u, p);
+    if (!p.combine_in_kernel)
+      launch_kernel<kernels::decode_attention_combine_kernel<D, HD>>(dim3(static_cast<unsigned>(heads)), dim3(HD), 0,
+                                                                    stream, 1u, p);
   });
 }
 

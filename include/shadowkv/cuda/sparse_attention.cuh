@@ -38,6 +38,7 @@
 #include "decode_attention.cuh"
 #include "error.cuh"
 #include "kernels/attention_steps.cuh"
+#include "launch.cuh"
 #include "landmark_index.cuh"
 #include "landmark_ops.cuh"
 #include "low_rank_key_store.cuh"
@@ -177,8 +178,7 @@ void launch_decode_rope(const RopeRowsParams<D, float>& q, const RopeRowsParams<
   const long long total = std::max(static_cast<long long>(q.n) * q.heads * q.head_dim,
                                    static_cast<long long>(k.n) * k.heads * k.head_dim);
   if (total == 0) return;
-  kernels::decode_rope_kernel<D><<<dim3(elementwise_grid(total), 3), 256, 0, stream>>>(q, k, v);
-  SHADOWKV_CUDA_CHECK_LAUNCH();
+  launch_kernel<kernels::decode_rope_kernel<D>>(dim3(elementwise_grid(total), 3), dim3(256), 0, stream, 1u, q, k, v);
 }
 
 template <class DT>

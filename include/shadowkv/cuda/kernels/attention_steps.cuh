@@ -12,6 +12,7 @@
 
 #include "../../device/rope.hpp"
 #include "../types.cuh"
+#include "grid_dependency.cuh"
 #include "selection_record.cuh"
 
 namespace shadowkv::cuda {
@@ -108,10 +109,14 @@ __global__ void rope_rows_kernel(const RopeRowsParams<In, Out> p) {
 /// The three row copies of a decode step in one launch, `blockIdx.y` choosing the task: the
 /// queries rotated to float (`q`), the new keys rotated into the generated rows (`k`), the new
 /// values copied there (`v`, no rotation). Saves two launches and the gaps between them per
-/// layer and step.
+/// layer and step. Launched overlapping the kernel before it (programmatic dependent launch,
+/// cuda/launch.cuh): its CTAs are resident when that kernel ends and wait for it before
+/// touching memory; the scoring kernel after it may be resident likewise.
 template <class D>
 __global__ void decode_rope_kernel(const RopeRowsParams<D, float> q, const RopeRowsParams<D, D> k,
                                    const RopeRowsParams<D, D> v) {
+  wait_for_previous_grids();
+  allow_next_grid();
   const long long first = blockIdx.x * static_cast<long long>(blockDim.x) + threadIdx.x;
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
   if (blockIdx.y == 0) rope_rows(q, first, stride);

@@ -2,7 +2,8 @@
 /// \file cuda/kernels/cluster.cuh
 /// \brief Thread-block cluster helpers (sm_90 and newer; a cluster of one CTA below): this
 /// CTA's rank, cluster barriers, and the address of a variable in another CTA's shared memory.
-/// Used by the top-k kernel, whose rows a cluster may share.
+/// Used by the top-k kernel, whose rows a cluster may share, and by the tensor-core decode
+/// attention, whose splits of a row merge in their cluster.
 
 namespace shadowkv::cuda::kernels {
 

@@ -5,7 +5,8 @@
 /// kernels serve `DensePolicy` (static = the whole cache) and `ShadowKVPolicy`: a tensor-core
 /// kernel for 16-bit storage (`decode_attention_mma_kernel`), a CUDA-core one for float
 /// (`decode_attention_split_kernel`); both write the same partials, merged by
-/// `decode_attention_combine_kernel`.
+/// `decode_attention_combine_kernel` — or, for the tensor-core kernel launched in clusters of
+/// a row's splits, by the cluster itself over distributed shared memory (one launch fewer).
 
 #include <cuda_runtime.h>
 
@@ -16,6 +17,7 @@
 
 #include "../../device/softmax.hpp"
 #include "../types.cuh"
+#include "cluster.cuh"
 #include "grid_dependency.cuh"
 #include "mma_util.cuh"
 
@@ -69,6 +71,10 @@ struct DecodeAttentionParams {
   long long rows_per_split = 0;
   float scale = 1.0f;
   AttentionWordCopy copy;
+  /// The tensor-core kernel merges the splits itself and writes `out` (no combine kernel):
+  /// launched in clusters of `num_splits` CTAs along x (or with one split), each cluster one
+  /// (sequence, KV head). The partials workspace is then not used.
+  bool combine_in_kernel = false;
 };
 
 namespace kernels {
@@ -133,11 +139,11 @@ __device__ __forceinline__ void row_pointers(const KVSegments<D>& s, long long r
 
 /// The end of both split kernels: merges the `kWarps` per-warp partials that sit in shared
 /// memory (`s_acc` `[kWarps][kRowStride][HD]`, `s_ml` `[kWarps][kRowStride][2]` holding
-/// `(m, l)` with `m` in natural-log units) and writes one `(m, l, acc)` per query head of the
-/// group to the split's slot of the workspace. Called by every thread after a barrier.
-template <int HD, int kRowStride, int kWarps, class D>
-__device__ __forceinline__ void store_split_partials(const DecodeAttentionParams<D>& p, const float* s_acc,
-                                                     const float* s_ml, int b, int h, int group, int split) {
+/// `(m, l)` with `m` in natural-log units) into one `(m, l, acc)` per query head `g` of the
+/// group and element `e`, handed to `sink(g, e, state, acc)`. Called by every thread after a
+/// barrier.
+template <int HD, int kRowStride, int kWarps, class Sink>
+__device__ __forceinline__ void merge_warp_partials(const float* s_acc, const float* s_ml, int group, Sink&& sink) {
   for (int idx = threadIdx.x; idx < group * HD; idx += kWarps * 32) {
     const int g = idx / HD, e = idx % HD;
     device::SoftmaxState st = device::empty_softmax_state();
@@ -148,13 +154,76 @@ __device__ __forceinline__ void store_split_partials(const DecodeAttentionParams
       st = device::merge_softmax_state(st, other, sa, sb);
       a = a * sa + s_acc[(w * kRowStride + g) * HD + e] * sb;
     }
+    sink(g, e, st, a);
+  }
+}
+
+/// `merge_warp_partials` into the split's slot of the workspace.
+template <int HD, int kRowStride, int kWarps, class D>
+__device__ __forceinline__ void store_split_partials(const DecodeAttentionParams<D>& p, const float* s_acc,
+                                                     const float* s_ml, int b, int h, int group, int split) {
+  merge_warp_partials<HD, kRowStride, kWarps>(s_acc, s_ml, group, [&](int g, int e, device::SoftmaxState st, float a) {
     const long long qh = static_cast<long long>(b) * p.num_q_heads + h * group + g;
     p.partial_acc[(qh * p.num_splits + split) * HD + e] = a;
     if (e == 0) {
       p.partial_ml[(qh * p.num_splits + split) * 2] = st.m;
       p.partial_ml[(qh * p.num_splits + split) * 2 + 1] = st.l;
     }
+  });
+}
+
+/// Splits up to which `decode_attention_combine_kernel` loads every partial state first, and
+/// the most splits (CTAs per cluster) a kernel merges itself (`combine_in_kernel`).
+inline constexpr int kCombinePreload = 8;
+
+/// The weighted merge of `n <= kCombinePreload` split states `(m_s, l_s, a_s)` of one output
+/// element, normalised: the combine kernel's arithmetic, in split order (one split gives its
+/// `a / l` bit for bit). An element no row reached is 0, as the CPU backend has it.
+__device__ __forceinline__ float combine_splits(const float (&m_s)[kCombinePreload], const float (&l_s)[kCombinePreload],
+                                                const float (&a_s)[kCombinePreload], int n) {
+  float mx = -INFINITY, l = 0.0f, a = 0.0f;
+#pragma unroll
+  for (int s = 0; s < kCombinePreload; ++s) mx = fmaxf(mx, m_s[s]);
+  if (mx != -INFINITY) {
+#pragma unroll
+    for (int s = 0; s < kCombinePreload; ++s) {
+      if (s >= n) break;
+      const float w = m_s[s] == -INFINITY ? 0.0f : expf(m_s[s] - mx);
+      l += l_s[s] * w;
+      a += a_s[s] * w;
+    }
   }
+  return l > 0.0f ? a / l : 0.0f;
+}
+
+/// The end of the tensor-core kernel with `combine_in_kernel`: every CTA of the cluster (one
+/// per split, rank = split) has its merged partial in `s_part` (`[16][HD + 2]`: acc, then m, l
+/// per query head); after a cluster barrier, CTA 0 reads the others' through distributed shared
+/// memory and writes the group's outputs; a second barrier keeps every CTA resident until
+/// those reads are done. Without a cluster (one split) the barriers are `__syncthreads`.
+template <int HD, int kThreads, class D>
+__device__ __forceinline__ void combine_cluster_partials(const DecodeAttentionParams<D>& p, const float* s_part, int b,
+                                                         int h, int group) {
+  const ClusterRank cr = cluster_rank();
+  if (cr.size != static_cast<int>(gridDim.x)) __trap();  // the launcher's contract: a cluster is a row's splits
+  cluster_sync(cr);
+  if (cr.rank == 0) {
+    for (int idx = threadIdx.x; idx < group * HD; idx += kThreads) {
+      const int g = idx / HD, e = idx % HD;
+      float m_s[kCombinePreload], l_s[kCombinePreload], a_s[kCombinePreload];
+#pragma unroll
+      for (int s = 0; s < kCombinePreload; ++s) {
+        const bool in = s < cr.size;
+        const float* part = cluster_shared(s_part, in ? s : 0, cr) + g * (HD + 2);
+        m_s[s] = in ? part[HD] : -INFINITY;
+        l_s[s] = in ? part[HD + 1] : 0.0f;
+        a_s[s] = in ? part[e] : 0.0f;
+      }
+      const long long qh = static_cast<long long>(b) * p.num_q_heads + h * group + g;
+      p.out[qh * HD + e] = from_float<D>(combine_splits(m_s, l_s, a_s, cr.size));
+    }
+  }
+  cluster_sync(cr);
 }
 
 /// Grid `(num_splits, batch * H_kv)`, `kWarps` warps. Each CTA reads the rows
@@ -366,12 +435,13 @@ struct MmaDecodeShape {
 };
 
 /// Dynamic shared memory of `decode_attention_mma_kernel<D, HD, kWarps>`: the warps' rings,
-/// reused at the end for the per-warp partials `[kWarps][16][HD + 2]` floats.
+/// reused at the end for the per-warp partials `[kWarps][16][HD + 2]` floats and the CTA's
+/// merged partial `[16][HD + 2]` (`combine_in_kernel`).
 template <int HD, int kWarps>
 constexpr std::size_t mma_decode_smem_bytes() {
   using S = MmaDecodeShape<HD>;
   const std::size_t rings = static_cast<std::size_t>(kWarps) * S::kStages * 2 * S::kTileBytes;
-  const std::size_t partials = static_cast<std::size_t>(kWarps) * 16 * (HD + 2) * sizeof(float);
+  const std::size_t partials = static_cast<std::size_t>(kWarps + 1) * 16 * (HD + 2) * sizeof(float);
   return rings > partials ? rings : partials;
 }
 
@@ -625,12 +695,21 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
   }
   __syncthreads();
-  store_split_partials<HD, 16, kWarps>(p, s_acc, s_ml, b, h, group, split);
+  if (p.combine_in_kernel) {
+    float* s_part = s_ml + kWarps * 16 * 2;  // [16][HD + 2], inside the rings (mma_decode_smem_bytes)
+    merge_warp_partials<HD, 16, kWarps>(s_acc, s_ml, group, [&](int g, int e, device::SoftmaxState st, float a) {
+      s_part[g * (HD + 2) + e] = a;
+      if (e == 0) {
+        s_part[g * (HD + 2) + HD] = st.m;
+        s_part[g * (HD + 2) + HD + 1] = st.l;
+      }
+    });
+    combine_cluster_partials<HD, kWarps * 32>(p, s_part, b, h, group);
+  } else {
+    store_split_partials<HD, 16, kWarps>(p, s_acc, s_ml, b, h, group, split);
+  }
 #endif
 }
-
-/// Splits up to which `decode_attention_combine_kernel` loads every partial state first.
-inline constexpr int kCombinePreload = 8;
 
 /// Grid `batch * H_q`, `HD` threads (one per output element): merges the splits' partials
 /// and normalises. A head that saw no row writes zeros (as the CPU backend does).
@@ -664,18 +743,7 @@ __global__ void __launch_bounds__(HD) decode_attention_combine_kernel(const Deco
       l_s[s] = in ? ml[2 * s + 1] : 0.0f;
       a_s[s] = in ? acc[static_cast<long long>(s) * HD] : 0.0f;
     }
-#pragma unroll
-    for (int s = 0; s < kCombinePreload; ++s) mx = fmaxf(mx, m_s[s]);
-    if (mx != -INFINITY) {
-#pragma unroll
-      for (int s = 0; s < kCombinePreload; ++s) {
-        if (s >= p.num_splits) break;
-        const float w = m_s[s] == -INFINITY ? 0.0f : expf(m_s[s] - mx);
-        l += l_s[s] * w;
-        a += a_s[s] * w;
-      }
-    }
-    p.out[qh * HD + e] = from_float<D>(l > 0.0f ? a / l : 0.0f);
+    p.out[qh * HD + e] = from_float<D>(combine_splits(m_s, l_s, a_s, p.num_splits));
     return;
   }
 #pragma unroll 8
