@@ -36,36 +36,21 @@ inline constexpr long long kResidentCtas = 264;
 /// The split planner's fixed cost of a wave of CTAs, in rows (see `plan_decode_attention`).
 inline constexpr long long kSplitOverheadRows = 256;
 
-/// How many clusters of `c` CTAs (`blocks` threads, `smem` bytes of dynamic shared memory)
-/// of `Kernel` can be resident at once, for c = 2 .. kernels::kCombinePreload, 8 bits each
-/// from bit 8 (c - 2) (capped at 255); 0 where the device (before sm_90) or the kernel's
-/// build (PTX older than 9.0, JIT-compiled here) has no clusters.
+/// How many clusters of `c` CTAs of `Kernel` (`threads` per CTA, `smem` bytes) can be resident
+/// at once, for c = 2 .. kernels::kCombinePreload, 8 bits each from bit 8 (c - 2) (capped at
+/// 255); 0 where the device (before sm_90) or the kernel's build (PTX older than 9.0,
+/// JIT-compiled here) has no clusters.
 template <auto Kernel>
-long long resident_clusters(int device, dim3 blocks, std::size_t smem) {
+long long resident_clusters(int device, unsigned threads, std::size_t smem) {
   int major = 0;
   SHADOWKV_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
   cudaFuncAttributes attr{};
   SHADOWKV_CUDA_CHECK(cudaFuncGetAttributes(&attr, Kernel));
   if (major < 9 || attr.ptxVersion < 90) return 0;
   long long packed = 0;
-  for (int c = 2; c <= kernels::kCombinePreload; ++c) {
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(static_cast<unsigned>(c));
-    config.blockDim = blocks;
-    config.dynamicSmemBytes = smem;
-    cudaLaunchAttribute cluster{};
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = static_cast<unsigned>(c);
-    cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
-    config.attrs = &cluster;
-    config.numAttrs = 1;
-    int active = 0;
-    if (cudaOccupancyMaxActiveClusters(&active, Kernel, &config) != cudaSuccess) {
-      (void)cudaGetLastError();  // no clusters of this size: leave the count at 0
-      active = 0;
-    }
-    packed |= static_cast<long long>(std::min(active, 255)) << (8 * (c - 2));
-  }
+  for (int c = 2; c <= kernels::kCombinePreload; ++c)
+    packed |= static_cast<long long>(std::min(max_active_clusters<Kernel>(static_cast<unsigned>(c), threads, smem), 255))
+              << (8 * (c - 2));
   return packed;
 }
 
@@ -222,7 +207,7 @@ void decode_attention(const float* queries, const KVSegments<D>* segments, D* ou
         // about 210 KB, and the copies bypass L1 (cp.async.cg).
         SHADOWKV_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
                                                  cudaSharedmemCarveoutMaxShared));
-        return detail::resident_clusters<kernel>(device, dim3(detail::kDecodeWarps * 32), smem);
+        return detail::resident_clusters<kernel>(device, detail::kDecodeWarps * 32, smem);
       });
       // The splits merge inside the kernel where a cluster can hold a row's splits and every
       // cluster of the grid is resident at once (else the combine kernel below does it).

@@ -128,21 +128,7 @@ void launch_top_k(const TopKParams& p, const DeviceInfo& dev, long long rows, cu
     // architecture, JIT-compiled here, keeps one CTA per row).
     if (dev.cc_major >= 9 && attr.ptxVersion >= 90)
       for (int c = 2, shift = 20; c <= kernels::landmark_detail::kMaxClusterCtas; c *= 2, shift += 10) {
-        cudaLaunchConfig_t config{};
-        config.gridDim = dim3(static_cast<unsigned>(c));
-        config.blockDim = dim3(NT);
-        config.dynamicSmemBytes = static_cast<std::size_t>(keys) * 4 + 512;
-        cudaLaunchAttribute cluster{};
-        cluster.id = cudaLaunchAttributeClusterDimension;
-        cluster.val.clusterDim.x = static_cast<unsigned>(c);
-        cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
-        config.attrs = &cluster;
-        config.numAttrs = 1;
-        int active = 0;
-        if (cudaOccupancyMaxActiveClusters(&active, kernel, &config) != cudaSuccess) {
-          (void)cudaGetLastError();  // no clusters of this size: leave the count at 0
-          active = 0;
-        }
+        const int active = max_active_clusters<kernel>(static_cast<unsigned>(c), NT, static_cast<std::size_t>(keys) * 4 + 512);
         value |= static_cast<long long>(std::min(active, 1023)) << shift;
       }
     return value;

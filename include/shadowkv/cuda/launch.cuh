@@ -28,6 +28,30 @@ bool programmatic_launch_supported() {
          }) != 0;
 }
 
+/// How many clusters of `cluster_x` CTAs of `Kernel` (`threads` per CTA, `smem` bytes of
+/// dynamic shared memory) can be resident at once (`cudaOccupancyMaxActiveClusters`); 0 where
+/// the device or the kernel's build has no clusters of that size. The caller checks sm_90 and
+/// PTX 9.0 first (a kernel JIT-compiled from older PTX has no cluster code).
+template <auto Kernel>
+int max_active_clusters(unsigned cluster_x, unsigned threads, std::size_t smem) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(cluster_x);
+  config.blockDim = dim3(threads);
+  config.dynamicSmemBytes = smem;
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = cluster_x;
+  cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  int active = 0;
+  if (cudaOccupancyMaxActiveClusters(&active, Kernel, &config) != cudaSuccess) {
+    (void)cudaGetLastError();  // no clusters of this size
+    return 0;
+  }
+  return active;
+}
+
 /// `Kernel<<<grid, block, smem, stream>>>(args...)` in clusters of `cluster_x` CTAs along x (1:
 /// no cluster attribute), allowed to start before the previous kernel on `stream` ends where
 /// `programmatic_launch_supported<Kernel>()`: `Kernel` must call `wait_for_previous_grids`

@@ -17,7 +17,10 @@
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
+#include <mutex>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -128,6 +131,47 @@ void launch_gather_values(const GatherValuesParams<D>& p, cudaStream_t stream) {
   SHADOWKV_CUDA_CHECK_LAUNCH();
 }
 
+/// What a rebuild launch of `smem` bytes needs from the device: its SM count and the CTAs of
+/// that size resident per SM.
+struct RebuildSetting {
+  int sms = 0;
+  int per_sm = 0;
+};
+
+/// `Kernel`'s `RebuildSetting` for `smem` bytes of dynamic shared memory, computed once per
+/// (device, smem) — the decode step asks on every call — after raising the kernel's dynamic
+/// shared memory limit to the largest `smem` asked for on that device (always raised: the
+/// kernel's static shared memory counts against the 48 KiB default as well). A cache per
+/// kernel copy, as `kernel_setting_per_device` explains.
+template <auto Kernel>
+RebuildSetting rebuild_setting(int threads, std::size_t smem) {
+  struct Entry {
+    int device;
+    std::size_t smem;
+    RebuildSetting setting;
+  };
+  static std::mutex mutex;
+  static std::vector<Entry> entries;
+  static std::vector<std::pair<int, std::size_t>> raised;  // (device, attribute set so far)
+  int device = 0;
+  SHADOWKV_CUDA_CHECK(cudaGetDevice(&device));
+  const std::lock_guard<std::mutex> lock(mutex);
+  for (const Entry& e : entries)
+    if (e.device == device && e.smem == smem) return e.setting;
+  auto limit = std::find_if(raised.begin(), raised.end(), [&](const auto& r) { return r.first == device; });
+  if (limit == raised.end()) limit = raised.insert(raised.end(), {device, 0});
+  if (limit->second < smem) {
+    SHADOWKV_CUDA_CHECK(
+        cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+    limit->second = smem;
+  }
+  RebuildSetting setting;
+  SHADOWKV_CUDA_CHECK(cudaDeviceGetAttribute(&setting.sms, cudaDevAttrMultiProcessorCount, device));
+  SHADOWKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&setting.per_sm, Kernel, threads, smem));
+  entries.push_back({device, smem, setting});
+  return setting;
+}
+
 /// `rebuild_keys`'s launch (the caller checked the parameters), with a programmatic dependency on
 /// the kernel before. With `gather`, the value gather of the same misses joins the launch as
 /// extra CTAs, one per SM beside the rebuild's, so that both halves run side by side; where a
@@ -137,21 +181,13 @@ void launch_rebuild_keys(const RebuildKeysParams<D>& p, const GatherValuesParams
   if (p.num_misses == 0) return;
   SHADOWKV_DISPATCH_HEAD_DIM(p.head_dim, HD, [&] {
     using Tile = kernels::RebuildTile<D, HD>;
-    auto* kernel = kernels::rebuild_keys_kernel<D, HD>;
     const int rank_aligned = (p.rank + Tile::kRankAlign - 1) / Tile::kRankAlign * Tile::kRankAlign;
     const std::size_t basis_row_bytes = static_cast<std::size_t>(Tile::kBStride) * sizeof(D);
     const bool resident = rank_aligned * basis_row_bytes <= detail::kRebuildResidentBasisBytes;
     const int basis_rows = resident ? rank_aligned : Tile::kRankStep;
     const std::size_t smem = basis_rows * basis_row_bytes + static_cast<std::size_t>(kernels::kRebuildStageBytes<Tile>);
-    // Always: the kernel's static shared memory counts against the 48 KiB default as well.
-    SHADOWKV_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-    int device = 0;
-    int sms = 0;
-    int per_sm = 0;
-    SHADOWKV_CUDA_CHECK(cudaGetDevice(&device));
-    SHADOWKV_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-    SHADOWKV_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Tile::kThreads, smem));
+    const RebuildSetting setting = rebuild_setting<kernels::rebuild_keys_kernel<D, HD>>(Tile::kThreads, smem);
+    const int sms = setting.sms, per_sm = setting.per_sm;
     SHADOWKV_CHECK(per_sm > 0, "rebuild_keys: a CTA of ", Tile::kThreads, " threads with ", smem,
                    " bytes of shared memory does not fit on this device (head_dim=", HD, ", rank=", p.rank, ")");
     // One wave: with the gather joined, one of the SM's CTAs gathers and the others (at most
