@@ -6,6 +6,7 @@
 With SHADOWKV_DECODE set to a built shadowkv-decode, the model the script exports is also loaded
 and run by the C++ decoder, which checks the two sides' formats against each other."""
 import json
+import math
 import os
 import random
 import re
@@ -54,6 +55,69 @@ class GrowTest(unittest.TestCase):
         # Training moves the new layers: their output projections get gradients at once.
         grown(ids).sum().backward()
         self.assertGreater(grown.layers[0].o_proj.weight.grad.abs().max().item(), 0.0)
+
+
+class RopeScalingTest(unittest.TestCase):
+    LLAMA3 = {"rope_type": "llama3", "factor": 64.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 1024}
+
+    def test_llama3_scaling_slows_the_low_frequencies_and_keeps_the_high_ones(self):
+        plain = T.rope_inv_freq(64, 1e5)
+        self.assertEqual(T.rope_inv_freq(64, 1e5, None).tolist(), plain.tolist())
+        self.assertAlmostEqual(plain[1].item(), 1e5 ** (-2 / 64), places=15)
+        scaled = T.rope_inv_freq(64, 1e5, self.LLAMA3)
+        wavelen = 2 * torch.pi / plain
+        high, low = wavelen < 1024 / 4, wavelen > 1024
+        self.assertTrue(bool(high.any()) and bool(low.any()) and bool((~high & ~low).any()))  # all three bands
+        self.assertTrue(torch.equal(scaled[high], plain[high]))
+        self.assertTrue(torch.allclose(scaled[low], plain[low] / 64, rtol=1e-15, atol=0))
+        band = ~high & ~low
+        self.assertTrue(bool((scaled[band] < plain[band]).all()) and bool((scaled[band] > plain[band] / 64).all()))
+        # One band frequency by hand: smooth = (1024 / wavelen - 1) / 3, a blend of f / 64 and f.
+        i = int(band.nonzero()[0])
+        f = plain[i].item()
+        smooth = (1024 / (2 * math.pi / f) - 1) / 3
+        self.assertAlmostEqual(scaled[i].item(), (1 - smooth) * f / 64 + smooth * f, places=15)
+        self.assertTrue(bool((scaled[1:] < scaled[:-1]).all()))  # still strictly decreasing
+        with self.assertRaises(ValueError):
+            T.rope_inv_freq(64, 1e5, {"rope_type": "yarn", "factor": 4.0})
+
+    def test_scaled_model_round_trips_through_the_export(self):
+        c = dict(tiny_config(), rope_scaling=dict(self.LLAMA3, factor=8.0))
+        torch.manual_seed(2)
+        model = T.Model(c)
+        for p in model.parameters():  # attention that depends on position: larger than the init's weights
+            torch.nn.init.normal_(p, std=0.3)
+        with tempfile.TemporaryDirectory() as tmp:
+            T.export(model, tmp, os.path.join(T.HERE, "words.txt"), "test", "words")
+            with open(os.path.join(tmp, "config.json")) as f:
+                self.assertEqual(json.load(f)["rope_scaling"], c["rope_scaling"])
+            ck = T.load_exported(tmp)
+        self.assertEqual(ck["config"], c)
+        back = T.Model(ck["config"])
+        back.load_state_dict(ck["model"])
+        ids = torch.randint(0, 256, (1, 300))
+        with torch.no_grad():
+            plain = T.Model(tiny_config())
+            plain.load_state_dict(ck["model"])
+            # Positions past the fast band see other angles, so the scaled model's output differs.
+            self.assertGreater((back(ids) - plain(ids)).abs().max().item(), 1e-2)
+
+
+class ReinitTest(unittest.TestCase):
+    def test_only_the_named_heads_change(self):
+        torch.manual_seed(4)
+        model = T.Model(tiny_config(layers=3))  # 4 query heads, 2 KV heads of 16: groups of 2
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        T.reinit_qk(model, [(1, 1)])
+        after = model.state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        self.assertEqual(changed, {"layers.1.q_proj.weight", "layers.1.k_proj.weight"})
+        q, k = after["layers.1.q_proj.weight"], after["layers.1.k_proj.weight"]
+        qb, kb = before["layers.1.q_proj.weight"], before["layers.1.k_proj.weight"]
+        self.assertTrue(torch.equal(q[:32], qb[:32]) and torch.equal(k[:16], kb[:16]))  # KV head 0's group
+        self.assertFalse(torch.equal(q[32:64], qb[32:64]) or torch.equal(k[16:32], kb[16:32]))
+        self.assertLess(abs(k[16:32].std().item() - 0.02), 0.005)  # the init's scale
 
 
 class TasksTest(unittest.TestCase):
@@ -211,13 +275,24 @@ class ScriptTest(unittest.TestCase):
                 self.assertIn(message, bad.stderr)
             # A second run from the exported folder (not the checkpoint) goes on from its step.
             three = os.path.join(tmp, "three")
-            out = self.run_script("--out", three, "--init", two, "--focus-needles", "2,3", "--focus-queries", "1,2")
+            out = self.run_script("--out", three, "--init", two, "--focus-needles", "2,3", "--focus-queries", "1,2",
+                                  "--rope-factor", "8", "--reinit-qk", "0:1")
             self.assertIn(f"weights of {two} at step", out)
+            self.assertIn("fresh query/key projections for (layer, KV head) [(0, 1)]", out)
+            with open(os.path.join(three, "config.json")) as f:
+                self.assertEqual(json.load(f)["rope_scaling"]["factor"], 8.0)
+            for args, message in ((("--reinit-qk", "0:1"), "--reinit-qk needs --init"),
+                                  (("--init", two, "--reinit-qk", "5:0"), "each item must be LAYER:KV_HEAD"),
+                                  (("--rope-factor", "0.5"), "--rope-factor=0.5 must be finite and >= 1")):
+                bad = subprocess.run([sys.executable, SCRIPT, "--smoke", "--out", tmp, *args], capture_output=True,
+                                     text=True)
+                self.assertEqual(bad.returncode, 2, args)
+                self.assertIn(message, bad.stderr)
 
             decode = os.environ.get("SHADOWKV_DECODE")
             if not decode:
                 self.skipTest("SHADOWKV_DECODE not set: the C++ decoder's check of the export is left out")
-            for model, task in ((one, "mk-niah"), (two, "passkey")):
+            for model, task in ((one, "mk-niah"), (two, "passkey"), (three, "mk-niah")):
                 r = subprocess.run([decode, "--model", model, "--device", "cpu", "--task", task, "--context", "2048",
                                     "--max-new-tokens", "4"], capture_output=True, text=True, timeout=600)
                 self.assertEqual(r.returncode, 0, r.stdout[-2000:] + r.stderr[-2000:])

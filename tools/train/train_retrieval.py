@@ -22,6 +22,9 @@ inserts fresh layers that start as the identity (run 7 grew run 6 from 4 to 6 la
 `--focus-*` options set what the focus phase's short prompts hold (defaults: runs 6-9's mix);
 `--focus-from 0` starts a run from scratch in that phase, and `--first-digit-weight` weighs the
 first token of each answer (the digit that decides which needle is copied) above the rest.
+`--rope-factor` turns on Llama 3.1 RoPE scaling (more dimensions that barely rotate over a long
+prompt, for matching keys at any distance) and `--reinit-qk` gives chosen heads fresh query and
+key projections: runs 12-14, which made the shipped model from run 9's, used both.
 
 The task texts live in TASKS below and are written into tasks.json: the C++ accuracy harness
 builds its test prompts from that file, so training and testing use one definition.
@@ -79,9 +82,10 @@ MULTI_QUERY_FROM = 11177  # step from which mk-niah prompts may ask several keys
 # (tools/train/probe_mk.py, H200, 2026-11-25) went from 29% to 67% in 2200 such steps, while two
 # runs that mixed in 20-25% of long steps (2-16K tokens, 2-8 prompts each) stayed near 30%.
 # Run 6, this phase for 10845 steps, reached 47% at 2-8K but lost the passkey beyond 2K (0% at
-# 8K). Runs 7-9 (the shipped retrieval-6l) grew run 6 to 6 layers (--grow 1,3) and brought long
+# 8K). Runs 7-9 (the first retrieval-6l) grew run 6 to 6 layers (--grow 1,3) and brought long
 # prompts back from the start (--long-from, 25% of the steps): passkey 100% to 16K again, mk-niah
-# 62-68% at 2-16K, a plateau (models/README.md).
+# 62-68% at 2-16K, a plateau. Runs 12-14 (the shipped model) kept this phase, with RoPE scaling
+# and fresh key-matching heads: mk-niah 77-91% (models/README.md).
 FOCUS_FROM = 16864
 FOCUS_LENGTH = 1024
 
@@ -188,8 +192,28 @@ class RMSNorm(nn.Module):
         return (xf * self.weight.float()).to(x.dtype)
 
 
-def rope_tables(length, head_dim, theta, device):
+def rope_inv_freq(head_dim, theta, scaling=None, device=None):
+    """RoPE's inverse frequencies, float64: `theta^(-2i/d)`, and with a Llama 3.1 `scaling`
+    (config.json's `rope_scaling`, rope_type "llama3") the low frequencies divided by its factor,
+    a smooth band between, the high ones kept: transformers' formula, which the C++ decoder
+    (core/rope.hpp) implements too."""
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float64) / head_dim))
+    if not scaling:
+        return inv
+    if scaling.get("rope_type") != "llama3":
+        raise ValueError(f"rope_scaling {scaling!r}: only rope_type 'llama3' is supported here")
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_tables(length, head_dim, theta, device, scaling=None):
+    inv = rope_inv_freq(head_dim, theta, scaling, device)
     ang = torch.outer(torch.arange(length, device=device, dtype=torch.float64), inv)
     ang = torch.cat([ang, ang], dim=-1)
     return ang.cos().float(), ang.sin().float()
@@ -257,7 +281,7 @@ class Model(nn.Module):
 
     def forward(self, ids):
         n = ids.shape[1]
-        cos, sin = rope_tables(n, self.c["head_dim"], self.c["rope_theta"], ids.device)
+        cos, sin = rope_tables(n, self.c["head_dim"], self.c["rope_theta"], ids.device, self.c.get("rope_scaling"))
         x = self.embed_tokens(ids)
         for layer in self.layers:
             x = layer(x, cos, sin)
@@ -301,6 +325,18 @@ def grow_model(model, before):
             grown.layers[j].load_state_dict(old[i].state_dict())
             j += 1
     return grown
+
+
+def reinit_qk(model, heads):
+    """Fresh query and key projections (the init's N(0, 0.02)) for each (layer, KV head) in
+    `heads` and the query heads of its group; every other weight stays. A trained model's
+    attention heads that match keys can then be learned again, e.g. after a change of RoPE."""
+    g, d = model.c["num_attention_heads"] // model.c["num_key_value_heads"], model.c["head_dim"]
+    with torch.no_grad():
+        for layer, kv in heads:
+            L = model.layers[layer]
+            nn.init.normal_(L.k_proj.weight[kv * d:(kv + 1) * d], std=0.02)
+            nn.init.normal_(L.q_proj.weight[kv * g * d:(kv + 1) * g * d], std=0.02)
 
 
 # ------------------------------------------------------------------------------------- training
@@ -480,6 +516,8 @@ def load_exported(folder):
     cfg = {k: c[k] for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                              "head_dim", "intermediate_size", "vocab_size", "rms_norm_eps", "rope_theta",
                              "max_position_embeddings")}
+    if c.get("rope_scaling"):
+        cfg["rope_scaling"] = c["rope_scaling"]
     with open(os.path.join(folder, "model.safetensors"), "rb") as f:
         n = struct.unpack("<Q", f.read(8))[0]
         header = json.loads(f.read(n))
@@ -566,6 +604,17 @@ def main():
                          "where runs 6-9 began it; 0: from the first step)")
     ap.add_argument("--first-digit-weight", type=float, default=1.0,
                     help="weight of each answer's first token in the answer loss (the others weigh 1)")
+    ap.add_argument("--rope-factor", type=float,
+                    help="Llama 3.1 RoPE scaling (rope_type llama3) with this factor: frequencies whose wavelength "
+                         "exceeds --rope-original tokens turn this much slower, the fast ones stay, a band between "
+                         "blends. More dimensions then barely rotate over a long prompt, and key matching can use "
+                         "them (the trained model matched keys only in RoPE's slowest 7 of 32 pairs)")
+    ap.add_argument("--rope-original", type=int, default=1024,
+                    help="with --rope-factor: original_max_position_embeddings (low/high frequency factors 1 and 4)")
+    ap.add_argument("--reinit-qk",
+                    help="with --init: draw fresh query and key projections for these KV heads, LAYER:KV_HEAD "
+                         "comma-separated (e.g. 2:2,2:3), and the query heads of their groups; the rest of the "
+                         "model keeps its weights")
     ap.add_argument("--smoke", action="store_true", help="a tiny model for a few steps on the CPU")
     a = ap.parse_args()
     if a.resume and a.init:
@@ -622,6 +671,14 @@ def main():
     elif a.resume or a.init:  # the checkpoint's own shapes (a grown model has more layers)
         ck = torch.load(os.path.join(a.resume, "ckpt_model.pt") if a.resume else a.init, map_location=device)
         cfg = dict(ck.get("config", cfg))
+    if a.rope_factor is not None:
+        if not (math.isfinite(a.rope_factor) and a.rope_factor >= 1.0):
+            ap.error(f"--rope-factor={a.rope_factor} must be finite and >= 1")
+        if a.rope_original < 2:
+            ap.error(f"--rope-original={a.rope_original} must be >= 2")
+        cfg = dict(cfg, rope_scaling={"rope_type": "llama3", "factor": a.rope_factor, "low_freq_factor": 1.0,
+                                      "high_freq_factor": 4.0, "original_max_position_embeddings": a.rope_original})
+        print(f"RoPE: llama3 scaling {cfg['rope_scaling']}", flush=True)
     if grow and not all(0 <= g <= cfg["num_hidden_layers"] for g in grow):
         ap.error(f"--grow={a.grow}: indices must lie in [0, {cfg['num_hidden_layers']}]")
     model = Model(cfg).to(device)
@@ -631,6 +688,19 @@ def main():
         model = grow_model(model, grow).to(device)
         cfg = model.c
         print(f"grew to {cfg['num_hidden_layers']} layers (fresh layers before {grow})", flush=True)
+    if a.reinit_qk:
+        if not a.init:
+            ap.error("--reinit-qk needs --init (it changes a trained model)")
+        try:
+            heads = [tuple(int(x) for x in item.split(":")) for item in a.reinit_qk.split(",")]
+        except ValueError:
+            heads = [()]
+        for h in heads:
+            if len(h) != 2 or not (0 <= h[0] < cfg["num_hidden_layers"] and 0 <= h[1] < cfg["num_key_value_heads"]):
+                ap.error(f"--reinit-qk={a.reinit_qk!r}: each item must be LAYER:KV_HEAD within the model's "
+                         f"{cfg['num_hidden_layers']} layers and {cfg['num_key_value_heads']} KV heads")
+        reinit_qk(model, heads)
+        print(f"fresh query/key projections for (layer, KV head) {heads}", flush=True)
     decay = [p for p in model.parameters() if p.dim() == 2]
     other = [p for p in model.parameters() if p.dim() < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": other, "weight_decay": 0.0}],
