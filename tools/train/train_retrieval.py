@@ -608,7 +608,7 @@ def main():
                     help="Llama 3.1 RoPE scaling (rope_type llama3) with this factor: frequencies whose wavelength "
                          "exceeds --rope-original tokens turn this much slower, the fast ones stay, a band between "
                          "blends. More dimensions then barely rotate over a long prompt, and key matching can use "
-                         "them (the trained model matched keys only in RoPE's slowest 7 of 32 pairs)")
+                         "them (run 9's model matched keys only in RoPE's slowest 7 of 32 pairs)")
     ap.add_argument("--rope-original", type=int, default=1024,
                     help="with --rope-factor: original_max_position_embeddings (low/high frequency factors 1 and 4)")
     ap.add_argument("--reinit-qk",
