@@ -101,7 +101,8 @@ def main():
                 for wrong in per.get(False, []):
                     margins.setdefault((li, h), []).append(per[True][0] - wrong)
     print(f"{a.model}: first answer digit right in {right}/{a.cases} ({a.length} tokens, 4 needles)")
-    slow = slice(d // 2 - 12, d // 2)
+    pairs = d // 2
+    slow = slice(max(0, pairs - 12), pairs)  # all pairs when there are no more than 12
     rows = []
     for (li, h), ms in margins.items():
         m = torch.stack(ms)
@@ -112,9 +113,10 @@ def main():
     print("layer.head  margin mean (sd)  in the slowest 12 pairs  P(margin < 0)")
     for mean, li, h, sd, in_slow, neg, _ in rows[: a.top]:
         print(f"  {li}.{h:<6} {mean:7.2f} ({sd:5.2f})  {in_slow:7.2f}               {neg:.2f}")
-    print(f"mean margin per pair {d // 2 - 16}..{d // 2 - 1} (slowest last), top {min(3, len(rows))} heads:")
+    first = max(0, pairs - 16)
+    print(f"mean margin per pair {first}..{pairs - 1} (slowest last), top {min(3, len(rows))} heads:")
     for mean, li, h, *_, per_pair in rows[:3]:
-        print(f"  {li}.{h}: " + " ".join(f"{x:.2f}" for x in per_pair[d // 2 - 16:].tolist()))
+        print(f"  {li}.{h}: " + " ".join(f"{x:.2f}" for x in per_pair[first:].tolist()))
 
 
 if __name__ == "__main__":

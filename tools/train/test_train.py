@@ -120,6 +120,24 @@ class ReinitTest(unittest.TestCase):
         self.assertLess(abs(k[16:32].std().item() - 0.02), 0.005)  # the init's scale
 
 
+class ProbeRopePairsTest(unittest.TestCase):
+    def test_probe_lists_heads_and_pairs_of_an_exported_model(self):
+        torch.manual_seed(6)
+        model = T.Model(tiny_config())  # head dim 16: 8 pairs, fewer than the 12 "slowest" it sums
+        with tempfile.TemporaryDirectory() as tmp:
+            T.export(model, tmp, os.path.join(T.HERE, "words.txt"), "test", "words")
+            r = subprocess.run([sys.executable, os.path.join(T.HERE, "probe_rope_pairs.py"), tmp, "--cases", "2",
+                                "--length", "512", "--top", "3"], capture_output=True, text=True, timeout=600)
+        self.assertEqual(r.returncode, 0, r.stdout[-2000:] + r.stderr[-2000:])
+        self.assertRegex(r.stdout, r"first answer digit right in [0-2]/2 \(512 tokens, 4 needles\)")
+        heads = re.findall(r"^  (\d)\.(\d) +(-?\d+\.\d+) \( *(\d+\.\d+)\) +(-?\d+\.\d+) +(\d\.\d\d)$", r.stdout, re.M)
+        self.assertEqual(len(heads), 3, r.stdout)
+        for _, _, mean, _, in_slow, _ in heads:  # 8 pairs: the slowest 12 are all of them
+            self.assertAlmostEqual(float(mean), float(in_slow), delta=0.011)
+        per_pair = re.findall(r"^  \d\.\d: (.+)$", r.stdout, re.M)
+        self.assertEqual([len(p.split()) for p in per_pair], [8, 8, 8])
+
+
 class TasksTest(unittest.TestCase):
     def check_case(self, tasks, task, length, needles, rng):
         prompt, answer, inner = tasks.sample(rng, task, length, needles)
