@@ -3,6 +3,11 @@
 
     python3 bench/plot_accuracy.py bench/results/accuracy.json --markdown   # the tables
     python3 bench/plot_accuracy.py bench/results/accuracy.json --out docs/accuracy.png
+    python3 bench/plot_accuracy.py bench/results/accuracy.json bench/results/accuracy_seed2.json \
+        --markdown --policies dense,shadowkv,oracle --budget 6.25   # runs side by side, pooled
+
+With more than one file (runs on other cases, e.g. other --seed), --markdown prints one table per
+task: each cell is every run's accuracy, then all runs pooled (correct answers over all cases).
 
 The plot shows accuracy against context length, one panel per task, one line per policy and
 budget (the main grid: rank at its default, outliers on). It needs matplotlib; --markdown needs
@@ -109,18 +114,77 @@ def plot(d, out):
     return 0
 
 
+def pooled_markdown(runs, names, policies, budget):
+    """Per task, the grid cells of every run side by side and pooled over the runs."""
+    cells = []
+    for d in runs:
+        cells.append({(r["task"], label(r), r["context"]): r for r in d["rows"] if r["group"] == "grid"})
+    for name, c in zip(names[1:], cells[1:]):
+        if set(c) != set(cells[0]):
+            raise SystemExit(f"error: {name} does not measure the same cells (task, policy, budget, length) "
+                             f"as {names[0]}")
+    print("Runs: " + "; ".join(f"`{d['command']}` on {d['device']}, {d['date']}, seed {d.get('seed', '?')}, "
+                               f"{d['cases']} cases per cell" for d in runs) + ".\n")
+    for task in sorted({k[0] for k in cells[0]}):
+        keys = [k for k in cells[0] if k[0] == task]
+        lengths = sorted({k[2] for k in keys})
+        labels = []
+        for k in keys:  # the order of the first run's rows
+            r = cells[0][k]
+            if policies and r["policy"] not in policies:
+                continue
+            if budget is not None and r["policy"] != "dense" and abs(label_budget(r) - budget) > 0.01:
+                continue
+            if k[1] not in labels:
+                labels.append(k[1])
+        print(f"**{task}**: accuracy (%) of each run, then pooled over the {len(runs)} runs\n")
+        print("| policy | " + " | ".join(str(l) for l in lengths) + " |")
+        print("|---|" + "---|" * len(lengths))
+        for lab in labels:
+            vals = []
+            for l in lengths:
+                rs = [c.get((task, lab, l)) for c in cells]
+                if rs[0] is None:
+                    vals.append("-")
+                    continue
+                right = sum(round(r["accuracy"] * r["n"]) for r in rs)
+                n = sum(r["n"] for r in rs)
+                vals.append(" / ".join(f"{100 * r['accuracy']:.0f}" for r in rs) + f" / {100 * right / n:.1f}")
+            print(f"| {lab} | " + " | ".join(vals) + " |")
+        print()
+
+
+def label_budget(r):
+    return r["budget_tokens"] * 100.0 / r["context"]
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("json", help="accuracy --json output")
+    ap.add_argument("json", nargs="+", help="accuracy --json output (more than one: runs compared, --markdown only)")
     ap.add_argument("--out", default="docs/accuracy.png", help="image to write (default docs/accuracy.png)")
     ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown instead of plotting")
+    ap.add_argument("--policies", help="with several files: comma-separated policies to show (default all)")
+    ap.add_argument("--budget", type=float, help="with several files: only this budget, percent (dense always)")
     a = ap.parse_args()
-    with open(a.json) as f:
-        d = json.load(f)
-    if a.markdown:
-        markdown(d)
+    runs = []
+    for path in a.json:
+        try:
+            with open(path) as f:
+                runs.append(json.load(f))
+        except (OSError, json.JSONDecodeError) as e:
+            ap.error(f"json {path}: {e}")
+    if len(runs) > 1:
+        if not a.markdown:
+            ap.error("several json files: only --markdown compares runs")
+        policies = set(a.policies.split(",")) if a.policies else None
+        pooled_markdown(runs, a.json, policies, a.budget)
         return 0
-    return plot(d, a.out)
+    if a.policies or a.budget is not None:
+        ap.error("--policies and --budget apply when several json files are compared")
+    if a.markdown:
+        markdown(runs[0])
+        return 0
+    return plot(runs[0], a.out)
 
 
 if __name__ == "__main__":
