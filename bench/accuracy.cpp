@@ -5,6 +5,7 @@
 // docs/accuracy.md. The run itself is accuracy_run.hpp; this file holds the command line and
 // the CPU glue, accuracy_cuda.cu the GPU glue.
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
@@ -124,10 +125,12 @@ int main(int argc, char** argv) {
       ->delimiter(',')
       ->check(CLI::Range(0.01, 100.0));
   app.add_option("--rank", o.rank, "ShadowKV rank (0: 15.625% of num_kv_heads * head_dim)")->check(CLI::NonNegativeNumber);
-  app.add_option("--rank-sweep", o.rank_sweep, "ranks of the sweep")->delimiter(',')->check(CLI::PositiveNumber);
-  app.add_option("--sweep-length", o.sweep_length, "length of the rank sweep and outlier ablation (0: none)")
-      ->check(CLI::NonNegativeNumber)
-      ->capture_default_str();
+  app.add_option("--rank-sweep", o.rank_sweep, "ranks of the sweep")->delimiter(',')->check(CLI::Range(1, 1 << 20));
+  CLI::Option* sweep_length =
+      app.add_option("--sweep-length", o.sweep_length,
+                     "length of the rank sweep and outlier ablation, one of --lengths (0: none)")
+          ->check(CLI::NonNegativeNumber)
+          ->capture_default_str();
   app.add_option("--sweep-budget", o.sweep_budget, "budget of the sweep, percent")
       ->check(CLI::Range(0.01, 100.0))
       ->capture_default_str();
@@ -187,6 +190,20 @@ int main(int argc, char** argv) {
                        static_cast<long long>(l), t.c_str(), static_cast<long long>(tasks.fixed_tokens(t) + 16));
           return 2;
         }
+    // The sweep runs beside the grid at one of its lengths: an explicit --sweep-length elsewhere
+    // is an error, the default one is left out with a note (e.g. --lengths 2048 alone).
+    if (o.sweep_length > 0 && std::find(o.lengths.begin(), o.lengths.end(), o.sweep_length) == o.lengths.end()) {
+      std::string have;
+      for (std::int64_t l : o.lengths) have += (have.empty() ? "" : ",") + std::to_string(l);
+      if (sweep_length->count() > 0) {
+        std::fprintf(stderr, "error: --sweep-length: %lld is not one of --lengths (%s); pass 0 for no sweep\n",
+                     static_cast<long long>(o.sweep_length), have.c_str());
+        return 2;
+      }
+      std::printf("note: no rank sweep or outlier ablation: their default length %lld is not one of --lengths (%s)\n",
+                  static_cast<long long>(o.sweep_length), have.c_str());
+      o.sweep_length = 0;
+    }
     std::vector<int> ranks = o.rank_sweep;
     ranks.push_back(o.rank);
     for (const int r : ranks)
