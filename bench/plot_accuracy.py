@@ -19,11 +19,16 @@ import sys
 from collections import defaultdict
 
 
+def label_budget(r):
+    """The row's budget, percent of the context."""
+    return r["budget_tokens"] * 100.0 / r["context"]
+
+
 def label(r):
     p = r["policy"]
     if p == "dense":
         return "dense"
-    return f"{p} {r['budget_tokens'] * 100.0 / r['context']:.2f}%"
+    return f"{p} {label_budget(r):.2f}%"
 
 
 def markdown(d):
@@ -152,10 +157,6 @@ def pooled_markdown(runs, names, policies, budget):
                 vals.append(" / ".join(f"{100 * r['accuracy']:.0f}" for r in rs) + f" / {100 * right / n:.1f}")
             print(f"| {lab} | " + " | ".join(vals) + " |")
         print()
-
-
-def label_budget(r):
-    return r["budget_tokens"] * 100.0 / r["context"]
 
 
 def main():
